@@ -1,0 +1,25 @@
+//! The subcommands: `serve` and the admin tools. Errors here are `anyhow`:
+//! they end in a message to the operator and a non-zero exit code.
+
+mod admin;
+mod keygen;
+mod serve;
+
+use crate::config::{AutojoinCommand, Cli, Command, IntegrationCommand};
+
+/// Runs the chosen subcommand.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Keygen(args) => keygen::run(&args),
+        Command::Integration(IntegrationCommand::Create(args)) => {
+            admin::integration_create(&args).await
+        }
+        Command::Autojoin(AutojoinCommand::CreateOrg(args)) => {
+            admin::autojoin_create_org(&args).await
+        }
+        Command::Autojoin(AutojoinCommand::CreateKey(args)) => {
+            admin::autojoin_create_key(&args).await
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! `serve`: the HTTP server, and its zero-setup development mode.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use crate::app::{Application, shutdown_signal};
+use crate::config::{DEFAULT_PRIVATE_KEY_PATH, ServeArgs};
+use crate::http::AppState;
+use crate::signing::{Algorithm, KeySet, SigningKey, write_private_jwk};
+use crate::store::{self, Store};
+use crate::validate::Validator;
+
+pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let key = if args.dev {
+        dev_signing_key(&args)?
+    } else {
+        let path = args
+            .private_key_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PRIVATE_KEY_PATH));
+        SigningKey::load(&path)?
+    };
+    tracing::info!(
+        alg = key.alg().as_str(),
+        kid = key.kid(),
+        "signing key loaded"
+    );
+
+    let store_url = match (&args.store.store, args.dev) {
+        (None, true) => {
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+            format!(
+                "sqlite:{}",
+                args.data_dir.join("token-exchange.db").display()
+            )
+        }
+        _ => args.store.store_url().to_owned(),
+    };
+    let store = store::open(&store_url).await?;
+    let demo = if args.dev {
+        Some(dev_demo_keys(store.as_ref(), &args.data_dir).await?)
+    } else {
+        None
+    };
+
+    let validator = Validator::new(store.clone(), store.clone());
+    let state = AppState::new(Arc::new(KeySet::new(key)), validator);
+    let app = Application::build(args.listen_addr(), state)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen_addr()))?;
+    tracing::info!(addr = %app.local_addr(), "listening");
+    if let Some(demo) = demo {
+        print_dev_instructions(app.port(), &demo);
+    }
+    app.run_until_stopped(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// In development mode: the configured key if it exists, else a generated
+/// RS256 key kept in the data folder (so tokens survive restarts).
+fn dev_signing_key(args: &ServeArgs) -> anyhow::Result<SigningKey> {
+    if let Some(path) = args.private_key_path.as_deref().filter(|p| p.exists()) {
+        return Ok(SigningKey::load(path)?);
+    }
+    let path = args.data_dir.join("jwk-priv.json");
+    if path.exists() {
+        return Ok(SigningKey::load(&path)?);
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let (key, text) = SigningKey::generate(Algorithm::Rs256, None)?;
+    write_private_jwk(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::warn!(
+        path = %path.display(),
+        "generated a DEVELOPMENT signing key; production needs a key from `token-exchange keygen` in --private-key-path"
+    );
+    Ok(key)
+}
+
+/// Demo API keys, as files in the data folder (the store keeps only hashes,
+/// so the plaintext must be kept somewhere to print it again next time).
+struct DemoKeys {
+    integration: Option<String>,
+    autojoin: Option<String>,
+}
+
+const DEMO_INTEGRATION_FILE: &str = "demo-integration-key";
+const DEMO_AUTOJOIN_FILE: &str = "demo-autojoin-key";
+
+async fn dev_demo_keys(store: &dyn Store, data_dir: &Path) -> anyhow::Result<DemoKeys> {
+    if store.is_empty().await? {
+        let (key, _) = super::admin::create_integration_key(
+            store,
+            "demo",
+            None,
+            0,
+            "created by serve --dev",
+            "demo key created by serve --dev",
+        )
+        .await?;
+        write_private_file(
+            &data_dir.join(DEMO_INTEGRATION_FILE),
+            key.to_secret_string().expose(),
+        )?;
+        match store
+            .create_org("demo", "demo@example.org", time::OffsetDateTime::now_utc())
+            .await
+        {
+            Ok(()) | Err(store::StoreError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let org_key = super::admin::create_autojoin_key(store, "demo").await?;
+        write_private_file(
+            &data_dir.join(DEMO_AUTOJOIN_FILE),
+            org_key.secret().expose(),
+        )?;
+        tracing::info!("created the demo integration and organization \"demo\"");
+    }
+    let read = |name: &str| {
+        std::fs::read_to_string(data_dir.join(name))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    };
+    Ok(DemoKeys {
+        integration: read(DEMO_INTEGRATION_FILE),
+        autojoin: read(DEMO_AUTOJOIN_FILE),
+    })
+}
+
+fn write_private_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    // Replace a stale file from an earlier, deleted database.
+    let _ = std::fs::remove_file(path);
+    write_private_jwk(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn print_dev_instructions(port: u16, demo: &DemoKeys) {
+    let base = format!("http://127.0.0.1:{port}");
+    println!();
+    println!("token-exchange is running in DEVELOPMENT mode on {base}");
+    println!();
+    match &demo.integration {
+        Some(key) => {
+            println!("Exchange the demo integration key for a token (lives 20 s):");
+            println!(
+                "  curl -s -X POST {base}/v0/token/integration -d '{{\"api_key\":\"{key}\"}}'"
+            );
+        }
+        None => {
+            println!("Create an integration key, then POST it to {base}/v0/token/integration:");
+            println!(
+                "  token-exchange integration create --store <the same --store> --integration-id demo"
+            );
+        }
+    }
+    if let Some(key) = &demo.autojoin {
+        println!("Exchange the demo autojoin key for a token (lives 1 h):");
+        println!("  curl -s -X POST {base}/v0/token/autojoin -d '{{\"api_key\":\"{key}\"}}'");
+    }
+    println!("Public keys to verify tokens with:");
+    println!("  curl -s {base}/.well-known/jwks.json");
+    println!();
+}

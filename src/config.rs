@@ -1,0 +1,220 @@
+//! Command-line settings. Every server flag can also come from the
+//! environment (upper case, `-` as `_`: `--port` / `PORT`); a flag on the
+//! command line wins, as with the Go service's flagx.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::signing::Algorithm;
+
+/// Where the Go service, and so every deployment manifest, keeps the key.
+pub const DEFAULT_PRIVATE_KEY_PATH: &str = "/secrets/jwk-priv.json";
+/// The embedded store, in the working directory.
+pub const DEFAULT_STORE: &str = "sqlite:token-exchange.db";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "token-exchange",
+    version,
+    about = "Exchanges API keys for short-lived signed JWTs"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server.
+    Serve(ServeArgs),
+    /// Generate a private signing key (JWK) and print its public half.
+    Keygen(KeygenArgs),
+    /// Manage client integrations and their API keys.
+    #[command(subcommand)]
+    Integration(IntegrationCommand),
+    /// Manage autojoin organizations and their API keys.
+    #[command(subcommand)]
+    Autojoin(AutojoinCommand),
+}
+
+/// Which store to use; shared by the server and every admin command, so
+/// they all work on the same data.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// The key store: `sqlite:PATH` for the embedded database
+    /// [default: sqlite:token-exchange.db].
+    #[arg(long, env = "STORE", value_name = "URL")]
+    pub store: Option<String>,
+    /// Google Cloud project of the Datastore store.
+    #[arg(long, env = "PROJECT_ID", default_value = "mlab-sandbox")]
+    pub project_id: String,
+    /// Datastore namespace of autojoin organizations and keys.
+    #[arg(long, env = "PLATFORM_NS", default_value = "platform-credentials")]
+    pub platform_ns: String,
+    /// Datastore namespace of client integrations and their keys.
+    #[arg(
+        long,
+        env = "CLIENT_INTEGRATION_NS",
+        default_value = "client-integration"
+    )]
+    pub client_integration_ns: String,
+}
+
+impl StoreArgs {
+    pub fn store_url(&self) -> &str {
+        self.store.as_deref().unwrap_or(DEFAULT_STORE)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Port of the HTTP API.
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// The private JWK that signs tokens [default: /secrets/jwk-priv.json].
+    #[arg(long, env = "PRIVATE_KEY_PATH", value_name = "PATH")]
+    pub private_key_path: Option<PathBuf>,
+    /// Zero-setup development mode: generate a signing key and demo API keys
+    /// in --data-dir if missing, listen on 127.0.0.1 only, and print how to
+    /// try the service. Not for production.
+    #[arg(long, env = "DEV")]
+    pub dev: bool,
+    /// Where --dev keeps its signing key, database and demo keys.
+    #[arg(
+        long,
+        env = "DATA_DIR",
+        default_value = "token-exchange-dev",
+        value_name = "DIR"
+    )]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+impl ServeArgs {
+    /// Production listens on every interface, as the Go service does; the
+    /// development mode only on loopback, since its keys are not secret.
+    pub fn listen_addr(&self) -> SocketAddr {
+        let ip = if self.dev {
+            Ipv4Addr::LOCALHOST
+        } else {
+            Ipv4Addr::UNSPECIFIED
+        };
+        SocketAddr::from((ip, self.port))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeygenArgs {
+    /// Signing algorithm: RS256 (what Cloud Endpoints verifies), ES256 or EdDSA.
+    #[arg(long, value_enum)]
+    pub alg: Algorithm,
+    /// Key ID [default: the RFC 7638 thumbprint, as jose-util assigns].
+    #[arg(long)]
+    pub kid: Option<String>,
+    /// File to write the private JWK to (created with mode 0600; an existing
+    /// file is never replaced).
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IntegrationCommand {
+    /// Create a key for an integration, creating the integration if needed.
+    /// Prints the API key; it cannot be shown again.
+    Create(IntegrationCreateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct IntegrationCreateArgs {
+    /// Integration ID, without the `cii_` prefix.
+    #[arg(long)]
+    pub integration_id: String,
+    /// Key ID, with its `ki_` prefix [default: random].
+    #[arg(long)]
+    pub key_id: Option<String>,
+    /// Service tier of the key, in the `tier` claim.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..))]
+    pub tier: i64,
+    /// Description of the integration (used only when it is created).
+    #[arg(long, default_value = "")]
+    pub integration_description: String,
+    /// Description of the key.
+    #[arg(long, default_value = "")]
+    pub key_description: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AutojoinCommand {
+    /// Create an autojoin organization.
+    CreateOrg(CreateOrgArgs),
+    /// Create an API key for an existing organization. Prints the key; it
+    /// cannot be shown again.
+    CreateKey(CreateKeyArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CreateOrgArgs {
+    /// Organization name (also the `org` claim).
+    #[arg(long)]
+    pub org: String,
+    /// Contact address of the organization.
+    #[arg(long)]
+    pub email: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CreateKeyArgs {
+    /// Organization name.
+    #[arg(long)]
+    pub org: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_have_their_defaults() {
+        let cli = Cli::try_parse_from(["token-exchange", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        // Defaults only hold when the environment does not set them.
+        if std::env::var_os("PORT").is_none() {
+            assert_eq!(args.port, 8080);
+        }
+        if std::env::var_os("STORE").is_none() {
+            assert_eq!(args.store.store_url(), DEFAULT_STORE);
+        }
+        let cli =
+            Cli::try_parse_from(["token-exchange", "serve", "--port", "9000", "--dev"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.listen_addr(), "127.0.0.1:9000".parse().unwrap());
+    }
+}

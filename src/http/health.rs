@@ -1,0 +1,5 @@
+//! `/health`: liveness only. It answers as long as the process serves HTTP.
+
+pub(super) async fn health() -> &'static str {
+    "ok"
+}

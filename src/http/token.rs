@@ -1,0 +1,165 @@
+//! `POST /v0/token/autojoin` and `POST /v0/token/integration`.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+
+use super::{ApiError, AppState};
+use crate::claims::{Claims, Principal};
+
+/// The request body. Deserialised by hand because serde's derive would also
+/// accept a JSON array (`["key"]`) as a struct, which Go refuses.
+struct TokenRequest {
+    api_key: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for TokenRequest {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RequestVisitor;
+
+        impl<'de> Visitor<'de> for RequestVisitor {
+            type Value = TokenRequest;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object with an \"api_key\" string")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TokenRequest, A::Error> {
+                let mut api_key: Option<Option<String>> = None;
+                while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                    if name == "api_key" {
+                        if api_key.is_some() {
+                            return Err(de::Error::duplicate_field("api_key"));
+                        }
+                        api_key = Some(map.next_value()?);
+                    } else {
+                        map.next_value::<de::IgnoredAny>()?;
+                    }
+                }
+                Ok(TokenRequest {
+                    api_key: api_key.flatten(),
+                })
+            }
+        }
+
+        deserializer.deserialize_map(RequestVisitor)
+    }
+}
+
+/// Why a request body is not a token request.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty body")]
+    Empty,
+    #[error("{0}")]
+    Json(String),
+}
+
+/// Reads the API key out of a request body.
+///
+/// Mirrors the Go service, whose callers we must keep working: the content
+/// type is not checked (`curl -d` sends a form type); a JSON `null`, a
+/// missing or a null `api_key` mean an empty key (401, not 400); anything
+/// after the first JSON value is ignored. Unlike Go, a duplicated `api_key`
+/// member is refused (400) instead of silently taking the last one, so two
+/// parsers in a chain can never disagree about which key was sent.
+pub fn decode_token_request(body: &[u8]) -> Result<String, DecodeError> {
+    let mut values = serde_json::Deserializer::from_slice(body).into_iter::<Option<TokenRequest>>();
+    match values.next() {
+        None => Err(DecodeError::Empty),
+        // serde_json's messages name the problem and a position, not the
+        // text, so they cannot carry the key into the log.
+        Some(Err(e)) => Err(DecodeError::Json(e.to_string())),
+        Some(Ok(request)) => Ok(request.and_then(|r| r.api_key).unwrap_or_default()),
+    }
+}
+
+fn read_key(body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::BadRequest(rejection.body_text())
+        }
+    })?;
+    decode_token_request(&body).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+fn issue(state: &AppState, principal: Principal) -> Result<Response, ApiError> {
+    let claims = Claims::new(principal, (state.clock)());
+    let token = state
+        .keys
+        .active()
+        .sign(&claims)
+        .map_err(|e| ApiError::Signing(e.to_string()))?;
+    // Go's json.Encoder ends the document with a newline; keep it.
+    let mut body = serde_json::to_vec(&serde_json::json!({ "token": token }))
+        .map_err(|e| ApiError::Signing(e.to_string()))?;
+    body.push(b'\n');
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+pub(super) async fn integration(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = read_key(body)?;
+    let principal = state.validator.integration(&key).await?;
+    issue(&state, principal)
+}
+
+pub(super) async fn autojoin(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = read_key(body)?;
+    let principal = state.validator.autojoin(&key).await?;
+    issue(&state, principal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoding_follows_the_go_service() {
+        let ok = |b: &str| decode_token_request(b.as_bytes());
+        assert_eq!(ok(r#"{"api_key":"k"}"#), Ok("k".into()));
+        assert_eq!(ok(r#" {"api_key":"k","other":1} "#), Ok("k".into()));
+        assert_eq!(ok(r#"{"api_key":"k"} trailing"#), Ok("k".into()));
+        assert_eq!(ok("{}"), Ok(String::new()));
+        assert_eq!(ok("null"), Ok(String::new()));
+        assert_eq!(ok(r#"{"api_key":null}"#), Ok(String::new()));
+        assert_eq!(ok(""), Err(DecodeError::Empty));
+        assert_eq!(ok("  \n"), Err(DecodeError::Empty));
+        for bad in [
+            r#"{"api_key":123}"#,
+            "[]",
+            r#"["k"]"#,
+            "{",
+            r#""k""#,
+            "1",
+            r#"{"api_key":"a","api_key":"b"}"#,
+        ] {
+            assert!(matches!(ok(bad), Err(DecodeError::Json(_))), "{bad}");
+        }
+        assert!(decode_token_request(b"{\"api_key\":\"\xff\"}").is_err());
+    }
+
+    #[test]
+    fn decode_errors_do_not_echo_the_key() {
+        let secret = "mlabk.cii_a.ki_b.SECRETSECRET";
+        let body = format!(r#"{{"api_key":"{secret}","api_key":"{secret}"}}"#);
+        let err = decode_token_request(body.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("SECRETSECRET"), "{err}");
+    }
+}

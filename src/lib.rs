@@ -1,0 +1,29 @@
+//! token-exchange: turns long-lived API keys into short-lived signed JWTs.
+//!
+//! A caller POSTs an API key; the service checks it against a store, signs a
+//! JWT with a private JWK, and answers with the token. Verifiers fetch the
+//! public keys from `/.well-known/jwks.json`. The wire format, the claims and
+//! the Datastore layout are fixed by M-Lab's Go service (see COMPAT.md).
+//!
+//! # Layout
+//!
+//! - [`config`]: command-line flags and their environment variables.
+//! - [`app`]: assembles store, signer and router; runs until shutdown.
+//! - [`api_key`]: API key formats: parse, generate, hash, verify.
+//! - [`validate`]: turns a presented key into a [`claims::Principal`] or a refusal.
+//! - [`claims`]: the two token shapes, their audiences and lifetimes.
+//! - [`signing`]: JWK loading, JWS signing, the public JWKS, key generation.
+//! - [`http`]: the router, one file per endpoint, and the one place that maps
+//!   errors to status codes.
+//! - [`store`]: the store traits and their backends.
+//! - [`cli`]: the admin subcommands and `serve`.
+
+pub mod api_key;
+pub mod app;
+pub mod claims;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod signing;
+pub mod store;
+pub mod validate;

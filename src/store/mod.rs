@@ -1,0 +1,139 @@
+//! Where API keys live.
+//!
+//! The request path needs two reads, each its own small trait so a handler
+//! depends only on what it calls: [`IntegrationKeys`] (one point read by
+//! integration ID and key ID) and [`AutojoinKeys`] (find the organization
+//! holding a key). The admin CLI needs [`Admin`]. A backend implements all
+//! three; [`open`] picks one from the `--store` setting.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::api_key::AutojoinApiKey;
+
+pub use sqlite::SqliteStore;
+
+/// What the store knows about one integration key. The secret itself is
+/// never stored, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntegrationKeyRecord {
+    /// Lowercase hex SHA-256 of the key secret.
+    pub key_hash: String,
+    /// `active`, or anything else (`revoked`, ...), which is refused.
+    pub status: String,
+    pub tier: i64,
+}
+
+/// The only status that lets a key be exchanged.
+pub const STATUS_ACTIVE: &str = "active";
+
+/// A new integration key, as the admin CLI creates it.
+#[derive(Debug, Clone)]
+pub struct NewIntegrationKey {
+    pub integration_id: String,
+    /// Used only if the integration does not exist yet.
+    pub integration_description: String,
+    pub key_id: String,
+    pub key_hash: String,
+    pub key_description: String,
+    pub tier: i64,
+    pub created_at: OffsetDateTime,
+}
+
+/// Failures of a store operation. Only [`StoreError::Unavailable`] and
+/// [`StoreError::Backend`] can happen on the request path; the HTTP layer
+/// turns both into 503, never 401.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached or did not answer in time; retrying
+    /// later may succeed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered with something we cannot use.
+    #[error("store error: {0}")]
+    Backend(String),
+    /// An admin operation would create something that exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// An admin operation refers to something that does not exist.
+    #[error("{0} does not exist")]
+    NotFound(String),
+    /// The `--store` setting names no backend we have.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Looks up client-integration keys.
+#[async_trait]
+pub trait IntegrationKeys: Send + Sync {
+    /// The record of key `key_id` (with its `ki_` prefix) of integration
+    /// `integration_id`, if there is one.
+    async fn integration_key(
+        &self,
+        integration_id: &str,
+        key_id: &str,
+    ) -> Result<Option<IntegrationKeyRecord>, StoreError>;
+}
+
+/// Looks up autojoin keys.
+#[async_trait]
+pub trait AutojoinKeys: Send + Sync {
+    /// The name of the organization that holds `key`, if any.
+    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError>;
+}
+
+/// Writes for the admin CLI.
+#[async_trait]
+pub trait Admin: Send + Sync {
+    /// Creates the key, and its integration first if it does not exist, in
+    /// one transaction. Returns whether the integration was created.
+    /// A key ID already used in that integration is `AlreadyExists`.
+    async fn create_integration_key(&self, key: &NewIntegrationKey) -> Result<bool, StoreError>;
+
+    /// True when no integration exists yet (used by `serve --dev`).
+    async fn is_empty(&self) -> Result<bool, StoreError>;
+
+    /// Creates an autojoin organization; `AlreadyExists` if it does.
+    async fn create_org(
+        &self,
+        name: &str,
+        email: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Adds a key to an existing organization; `NotFound` if there is none.
+    async fn create_autojoin_key(
+        &self,
+        org: &str,
+        key: &AutojoinApiKey,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+}
+
+/// Everything a backend provides.
+pub trait Store: IntegrationKeys + AutojoinKeys + Admin {}
+impl<T: IntegrationKeys + AutojoinKeys + Admin> Store for T {}
+
+/// Opens the store named by `--store`: `sqlite:PATH` (the file is created
+/// on first use).
+pub async fn open(store: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if let Some(path) = store.strip_prefix("sqlite:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            return Err(StoreError::Config(
+                "--store sqlite: needs a file path, e.g. sqlite:token-exchange.db".into(),
+            ));
+        }
+        return Ok(Arc::new(
+            SqliteStore::open(std::path::Path::new(path)).await?,
+        ));
+    }
+    Err(StoreError::Config(format!(
+        "unsupported --store {:?}: expected sqlite:PATH",
+        store.split(':').next().unwrap_or_default()
+    )))
+}

@@ -1,0 +1,364 @@
+//! The embedded store: one SQLite file, no setup.
+//!
+//! The server and the admin CLI may open the same file at once: WAL mode lets
+//! readers proceed while a writer commits, and a busy timeout makes a
+//! writer wait for another instead of failing.
+
+use std::path::Path;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row as _, SqlSafeStr as _};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{
+    Admin, AutojoinKeys, IntegrationKeyRecord, IntegrationKeys, NewIntegrationKey, StoreError,
+};
+use crate::api_key::AutojoinApiKey;
+
+/// How long a writer waits for another writer (the CLI and the server can
+/// share the file) before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections in the pool. SQLite serialises writers anyway; a few readers
+/// in parallel are all WAL mode can use on two cores.
+const MAX_CONNECTIONS: u32 = 4;
+/// Waiting longer than this for a pooled connection means the store is
+/// overloaded; the request gets a 503 rather than hanging.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        "initial".into(),
+        MigrationType::Simple,
+        include_str!("../../migrations/sqlite/0001_initial.sql").into_sql_str(),
+        false,
+    )])
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema
+    /// up to date.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(backend)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        migrator().run(&pool).await.map_err(|e| {
+            StoreError::Backend(format!(
+                "schema migration of {} failed: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(Self { pool })
+    }
+}
+
+fn timestamp(t: OffsetDateTime) -> String {
+    // Unwrap: RFC 3339 formatting fails only for years outside 0..=9999.
+    t.format(&Rfc3339).expect("timestamp within RFC 3339 range")
+}
+
+/// Errors that retrying may cure are `Unavailable`; the rest are `Backend`.
+fn classify(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("5" | "6")) => {
+            // SQLITE_BUSY and SQLITE_LOCKED: another writer held on too long.
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+fn backend(e: sqlx::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+#[async_trait]
+impl IntegrationKeys for SqliteStore {
+    async fn integration_key(
+        &self,
+        integration_id: &str,
+        key_id: &str,
+    ) -> Result<Option<IntegrationKeyRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT key_hash, status, tier FROM integration_keys WHERE integration_id = $1 AND key_id = $2",
+        )
+        .bind(integration_id)
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        row.map(|r| {
+            Ok(IntegrationKeyRecord {
+                key_hash: r.try_get("key_hash").map_err(backend)?,
+                status: r.try_get("status").map_err(backend)?,
+                tier: r.try_get("tier").map_err(backend)?,
+            })
+        })
+        .transpose()
+    }
+}
+
+#[async_trait]
+impl AutojoinKeys for SqliteStore {
+    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT org FROM autojoin_keys WHERE key_hash = $1")
+            .bind(key.secret().sha256_hex())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)
+    }
+}
+
+#[async_trait]
+impl Admin for SqliteStore {
+    async fn create_integration_key(&self, key: &NewIntegrationKey) -> Result<bool, StoreError> {
+        let created_at = timestamp(key.created_at);
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let created = sqlx::query(
+            "INSERT INTO integrations (integration_id, description, created_at) VALUES ($1, $2, $3)
+             ON CONFLICT (integration_id) DO NOTHING",
+        )
+        .bind(&key.integration_id)
+        .bind(&key.integration_description)
+        .bind(&created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?
+        .rows_affected()
+            == 1;
+        sqlx::query(
+            "INSERT INTO integration_keys
+                 (integration_id, key_id, key_hash, status, tier, description, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&key.integration_id)
+        .bind(&key.key_id)
+        .bind(&key.key_hash)
+        .bind(super::STATUS_ACTIVE)
+        .bind(key.tier)
+        .bind(&key.key_description)
+        .bind(&created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::AlreadyExists(format!(
+                    "key {} of integration {}",
+                    key.key_id, key.integration_id
+                ))
+            } else {
+                classify(e)
+            }
+        })?;
+        tx.commit().await.map_err(classify)?;
+        Ok(created)
+    }
+
+    async fn is_empty(&self) -> Result<bool, StoreError> {
+        let any: Option<i64> = sqlx::query_scalar("SELECT 1 FROM integrations LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(any.is_none())
+    }
+
+    async fn create_org(
+        &self,
+        name: &str,
+        email: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO organizations (name, email, created_at, probability_multiplier)
+             VALUES ($1, $2, $3, 1.0)",
+        )
+        .bind(name)
+        .bind(email)
+        .bind(timestamp(now))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::AlreadyExists(format!("organization {name}"))
+            } else {
+                classify(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    async fn create_autojoin_key(
+        &self,
+        org: &str,
+        key: &AutojoinApiKey,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        // INSERT ... SELECT inserts nothing when the organization is missing,
+        // which tells "no such organization" apart in one statement.
+        let inserted = sqlx::query(
+            "INSERT INTO autojoin_keys (key_hash, org, created_at)
+             SELECT $1, name, $3 FROM organizations WHERE name = $2",
+        )
+        .bind(key.secret().sha256_hex())
+        .bind(org)
+        .bind(timestamp(now))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::AlreadyExists("that autojoin key".into())
+            } else {
+                classify(e)
+            }
+        })?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::NotFound(format!("organization {org}")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api_key::IntegrationApiKey;
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        (dir, store)
+    }
+
+    fn new_key(int: &str, key: &IntegrationApiKey, tier: i64) -> NewIntegrationKey {
+        NewIntegrationKey {
+            integration_id: int.into(),
+            integration_description: "d".into(),
+            key_id: key.key_id().into(),
+            key_hash: key.secret().sha256_hex(),
+            key_description: "k".into(),
+            tier,
+            created_at: OffsetDateTime::now_utc(),
+        }
+    }
+
+    #[tokio::test]
+    async fn integration_keys_round_trip() {
+        let (_dir, s) = store().await;
+        assert!(s.is_empty().await.unwrap());
+        let k = IntegrationApiKey::generate("acme", None);
+        assert!(
+            s.create_integration_key(&new_key("acme", &k, 3))
+                .await
+                .unwrap()
+        );
+        assert!(!s.is_empty().await.unwrap());
+        let rec = s
+            .integration_key("acme", k.key_id())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.status, "active");
+        assert_eq!(rec.tier, 3);
+        assert!(k.secret().matches_hash(&rec.key_hash));
+        assert_eq!(s.integration_key("acme", "ki_other").await.unwrap(), None);
+        assert_eq!(s.integration_key("other", k.key_id()).await.unwrap(), None);
+
+        // A second key reuses the integration; the same key ID is refused.
+        let k2 = IntegrationApiKey::generate("acme", None);
+        assert!(
+            !s.create_integration_key(&new_key("acme", &k2, 0))
+                .await
+                .unwrap()
+        );
+        let dup = IntegrationApiKey::generate("acme", Some(k.key_id()));
+        assert!(matches!(
+            s.create_integration_key(&new_key("acme", &dup, 0)).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        // The refused duplicate did not replace the original.
+        let rec = s
+            .integration_key("acme", k.key_id())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(k.secret().matches_hash(&rec.key_hash));
+    }
+
+    #[tokio::test]
+    async fn autojoin_keys_round_trip() {
+        let (_dir, s) = store().await;
+        let now = OffsetDateTime::now_utc();
+        let key = AutojoinApiKey::generate();
+        assert!(matches!(
+            s.create_autojoin_key("mlab", &key, now).await,
+            Err(StoreError::NotFound(_))
+        ));
+        s.create_org("mlab", "ops@example.org", now).await.unwrap();
+        assert!(matches!(
+            s.create_org("mlab", "x@example.org", now).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        s.create_autojoin_key("mlab", &key, now).await.unwrap();
+        assert_eq!(s.autojoin_org(&key).await.unwrap().as_deref(), Some("mlab"));
+        assert_eq!(
+            s.autojoin_org(&AutojoinApiKey::generate()).await.unwrap(),
+            None
+        );
+        // Only the hash is stored.
+        let stored: String = sqlx::query_scalar("SELECT key_hash FROM autojoin_keys")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        assert_ne!(stored, key.secret().expose());
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_data_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let k = IntegrationApiKey::generate("acme", None);
+        {
+            let s = SqliteStore::open(&path).await.unwrap();
+            s.create_integration_key(&new_key("acme", &k, 0))
+                .await
+                .unwrap();
+        }
+        let s = SqliteStore::open(&path).await.unwrap();
+        assert!(
+            s.integration_key("acme", k.key_id())
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+}
