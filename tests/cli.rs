@@ -1,0 +1,410 @@
+//! The binary itself: admin commands, start-up errors, `serve --dev`,
+//! configuration from the environment, and shutdown on a signal.
+
+mod support;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{Workspace, command, run_json, run_ok};
+
+/// Lines a child writes, delivered as they come.
+fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (at most 20 s) for a line containing `needle`.
+fn wait_for(rx: &mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {needle:?}: {e}"),
+        }
+    }
+}
+
+/// The address in the server's "listening" log line.
+fn listening_addr(stderr: &mpsc::Receiver<String>) -> String {
+    let line = wait_for(stderr, "listening");
+    let addr = line
+        .split("addr=")
+        .nth(1)
+        .expect("addr in the listening line");
+    addr.split_whitespace().next().unwrap().to_owned()
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits (at most 40 s, beyond the 30 s grace) for the child to exit.
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    for _ in 0..400 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    panic!("the server did not exit");
+}
+
+fn stderr_of(args: &[&str]) -> (bool, String) {
+    let out = command().args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn keygen_writes_a_private_file_and_prints_the_public_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for alg in ["RS256", "ES256", "EdDSA"] {
+        let path = dir.path().join(format!("{alg}.json"));
+        let out = run_ok(&["keygen", "--alg", alg, "--out", path.to_str().unwrap()]);
+        let public: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let private: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(public["kid"], private["kid"]);
+        assert_eq!(public["kid"].as_str().unwrap().len(), 44);
+        assert_eq!(public["alg"], alg);
+        assert!(public.get("d").is_none());
+        assert!(private.get("d").is_some());
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    let path = dir.path().join("custom.json");
+    let out = run_ok(&[
+        "keygen",
+        "--alg",
+        "EdDSA",
+        "--kid",
+        "2026-11",
+        "--out",
+        path.to_str().unwrap(),
+    ]);
+    let public: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(public["kid"], "2026-11");
+    // An existing file is never replaced.
+    let before = std::fs::read(&path).unwrap();
+    let (ok, err) = stderr_of(&["keygen", "--alg", "RS256", "--out", path.to_str().unwrap()]);
+    assert!(!ok && err.contains("custom.json"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn integration_create_prints_one_json_object() {
+    let ws = Workspace::new("EdDSA");
+    let v = run_json(&[
+        "integration",
+        "create",
+        "--store",
+        &ws.store,
+        "--integration-id",
+        "acme",
+        "--key-id",
+        "ki_custom",
+        "--json",
+    ]);
+    let obj = v.as_object().unwrap();
+    assert_eq!(obj.len(), 3);
+    assert_eq!(v["integration_id"], "acme");
+    assert_eq!(v["key_id"], "ki_custom");
+    let api_key = v["api_key"].as_str().unwrap();
+    assert!(api_key.starts_with("mlabk.cii_acme.ki_custom."));
+    assert_eq!(api_key.rsplit('.').next().unwrap().len(), 43);
+
+    // The same key ID again is refused and changes nothing.
+    let (ok, err) = stderr_of(&[
+        "integration",
+        "create",
+        "--store",
+        &ws.store,
+        "--integration-id",
+        "acme",
+        "--key-id",
+        "ki_custom",
+        "--json",
+    ]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+
+    // Text output shows the key once, on its own line.
+    let out = run_ok(&[
+        "integration",
+        "create",
+        "--store",
+        &ws.store,
+        "--integration-id",
+        "acme",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("mlabk.cii_acme.ki_")),
+        "{text}"
+    );
+
+    for (flag, value) in [
+        ("--integration-id", "has.dot"),
+        ("--integration-id", ""),
+        ("--key-id", "no-prefix"),
+        ("--key-id", "ki_"),
+        ("--tier", "-1"),
+    ] {
+        let mut args = vec!["integration", "create", "--store", &ws.store];
+        if flag != "--integration-id" {
+            args.extend(["--integration-id", "acme"]);
+        }
+        let arg = format!("{flag}={value}");
+        args.push(&arg);
+        let (ok, err) = stderr_of(&args);
+        assert!(!ok, "{flag} {value:?} accepted");
+        assert!(
+            err.contains(flag.trim_start_matches('-').split('-').next().unwrap()),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn autojoin_commands() {
+    let ws = Workspace::new("EdDSA");
+    let (ok, err) = stderr_of(&[
+        "autojoin",
+        "create-key",
+        "--store",
+        &ws.store,
+        "--org",
+        "nobody",
+        "--json",
+    ]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+    let key = ws.autojoin_key("mlab");
+    assert_eq!(key.len(), 43);
+    let (ok, err) = stderr_of(&[
+        "autojoin",
+        "create-org",
+        "--store",
+        &ws.store,
+        "--org",
+        "mlab",
+        "--email",
+        "a@b.c",
+    ]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    let (ok, err) = stderr_of(&[
+        "autojoin",
+        "create-org",
+        "--store",
+        &ws.store,
+        "--org",
+        "x",
+        "--email",
+        "nope",
+    ]);
+    assert!(!ok && err.contains("email"), "{err}");
+}
+
+#[test]
+fn serve_refuses_missing_or_broken_key_files() {
+    let ws = Workspace::new("EdDSA");
+    let dir = ws.path();
+    let public_only = {
+        let mut v: Value = serde_json::from_slice(&std::fs::read(&ws.key_path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("d");
+        v.to_string()
+    };
+    let no_kid = {
+        let mut v: Value = serde_json::from_slice(&std::fs::read(&ws.key_path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("kid");
+        v.to_string()
+    };
+    let cases = [
+        ("missing.json", None, "No such file"),
+        (
+            "garbage.json",
+            Some("this is not json"),
+            "not a JSON object",
+        ),
+        ("public.json", Some(public_only.as_str()), "public key only"),
+        ("nokid.json", Some(no_kid.as_str()), "kid"),
+        (
+            "hs256.json",
+            Some(r#"{"kty":"oct","kid":"k","alg":"HS256","k":"AAAA"}"#),
+            "unsupported",
+        ),
+    ];
+    for (name, contents, defect) in cases {
+        let path = dir.join(name);
+        if let Some(text) = contents {
+            std::fs::write(&path, text).unwrap();
+        }
+        let (ok, err) = stderr_of(&[
+            "serve",
+            "--port",
+            "0",
+            "--store",
+            &ws.store,
+            "--private-key-path",
+            path.to_str().unwrap(),
+        ]);
+        assert!(!ok, "{name} accepted");
+        assert!(err.contains(name) && err.contains(defect), "{name}: {err}");
+    }
+    // Without any flag the Go default path is used and named.
+    let (ok, err) = stderr_of(&["serve", "--port", "0", "--store", &ws.store]);
+    assert!(!ok && err.contains("/secrets/jwk-priv.json"), "{err}");
+}
+
+#[tokio::test]
+async fn serve_reads_the_environment_and_exits_cleanly_on_sigterm() {
+    let ws = Workspace::new("ES256");
+    let key = ws.integration_key("envco", &[]);
+    // Configuration from the environment only; port 0 picks a free port.
+    let mut child = command()
+        .arg("serve")
+        .env("PORT", "0")
+        .env("STORE", &ws.store)
+        .env("PRIVATE_KEY_PATH", &ws.key_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = lines(child.stderr.take().unwrap());
+    let addr = listening_addr(&stderr);
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("http://{addr}/v0/token/integration"))
+        .body(format!(r#"{{"api_key":"{key}"}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let jwks: Value = client
+        .get(format!("http://{addr}/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jwks["keys"][0]["alg"], "ES256");
+
+    signal(&child, "TERM");
+    let status = wait_exit(&mut child);
+    assert_eq!(status.code(), Some(0));
+    // The port is released.
+    assert!(
+        client
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_flag_beats_the_environment() {
+    let ws = Workspace::new("EdDSA");
+    let mut child = command()
+        .args(["serve", "--port", "0", "--store", &ws.store])
+        .env("PORT", "1") // would fail: privileged port
+        .env("STORE", "sqlite:/nonexistent-dir/x.db")
+        .env("PRIVATE_KEY_PATH", &ws.key_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = lines(child.stderr.take().unwrap());
+    let addr = listening_addr(&stderr);
+    assert!(!addr.ends_with(":1"));
+    signal(&child, "INT");
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+}
+
+#[tokio::test]
+async fn serve_dev_needs_no_setup_and_prints_a_working_curl() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = |dir: &std::path::Path| {
+        command()
+            .args(["serve", "--dev", "--port", "0"])
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut kids = Vec::new();
+    // Twice: the second start reuses the key, store and demo keys.
+    for round in 0..2 {
+        let mut child = start(dir.path());
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
+        if round == 0 {
+            wait_for(&stderr, "DEVELOPMENT signing key");
+        }
+        let addr = listening_addr(&stderr);
+        assert!(
+            addr.starts_with("127.0.0.1:"),
+            "dev mode listens on loopback only: {addr}"
+        );
+        let curl = wait_for(&stdout, "/v0/token/integration -d");
+        let body = curl.split("-d '").nth(1).unwrap().trim_end_matches('\'');
+        let url = curl
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap();
+        let response = reqwest::Client::new()
+            .post(url)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "round {round}");
+        let auto = wait_for(&stdout, "/v0/token/autojoin -d");
+        let body = auto.split("-d '").nth(1).unwrap().trim_end_matches('\'');
+        let url = auto
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap();
+        let response = reqwest::Client::new()
+            .post(url)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "round {round}");
+        let jwks: Value = reqwest::get(format!("http://{addr}/.well-known/jwks.json"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        kids.push(jwks["keys"][0]["kid"].as_str().unwrap().to_owned());
+        assert_eq!(jwks["keys"][0]["alg"], "RS256");
+        signal(&child, "TERM");
+        assert_eq!(wait_exit(&mut child).code(), Some(0));
+    }
+    assert_eq!(kids[0], kids[1], "the development key is kept between runs");
+    assert!(dir.path().join("token-exchange-dev/jwk-priv.json").exists());
+}
