@@ -120,7 +120,7 @@ fn integration_create_prints_one_json_object() {
         "integration",
         "create",
         "--store",
-        &ws.store,
+        ws.store_url(),
         "--integration-id",
         "acme",
         "--key-id",
@@ -140,7 +140,7 @@ fn integration_create_prints_one_json_object() {
         "integration",
         "create",
         "--store",
-        &ws.store,
+        ws.store_url(),
         "--integration-id",
         "acme",
         "--key-id",
@@ -154,7 +154,7 @@ fn integration_create_prints_one_json_object() {
         "integration",
         "create",
         "--store",
-        &ws.store,
+        ws.store_url(),
         "--integration-id",
         "acme",
     ]);
@@ -171,7 +171,7 @@ fn integration_create_prints_one_json_object() {
         ("--key-id", "ki_"),
         ("--tier", "-1"),
     ] {
-        let mut args = vec!["integration", "create", "--store", &ws.store];
+        let mut args = vec!["integration", "create", "--store", ws.store_url()];
         if flag != "--integration-id" {
             args.extend(["--integration-id", "acme"]);
         }
@@ -193,7 +193,7 @@ fn autojoin_commands() {
         "autojoin",
         "create-key",
         "--store",
-        &ws.store,
+        ws.store_url(),
         "--org",
         "nobody",
         "--json",
@@ -205,7 +205,7 @@ fn autojoin_commands() {
         "autojoin",
         "create-org",
         "--store",
-        &ws.store,
+        ws.store_url(),
         "--org",
         "mlab",
         "--email",
@@ -216,7 +216,7 @@ fn autojoin_commands() {
         "autojoin",
         "create-org",
         "--store",
-        &ws.store,
+        ws.store_url(),
         "--org",
         "x",
         "--email",
@@ -264,7 +264,7 @@ fn serve_refuses_missing_or_broken_key_files() {
             "--port",
             "0",
             "--store",
-            &ws.store,
+            ws.store_url(),
             "--private-key-path",
             path.to_str().unwrap(),
         ]);
@@ -272,7 +272,7 @@ fn serve_refuses_missing_or_broken_key_files() {
         assert!(err.contains(name) && err.contains(defect), "{name}: {err}");
     }
     // Without any flag the Go default path is used and named.
-    let (ok, err) = stderr_of(&["serve", "--port", "0", "--store", &ws.store]);
+    let (ok, err) = stderr_of(&["serve", "--port", "0", "--store", ws.store_url()]);
     assert!(!ok && err.contains("/secrets/jwk-priv.json"), "{err}");
 }
 
@@ -284,7 +284,7 @@ async fn serve_reads_the_environment_and_exits_cleanly_on_sigterm() {
     let mut child = command()
         .arg("serve")
         .env("PORT", "0")
-        .env("STORE", &ws.store)
+        .env("STORE", ws.store_url())
         .env("PRIVATE_KEY_PATH", &ws.key_path)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -327,7 +327,7 @@ async fn serve_reads_the_environment_and_exits_cleanly_on_sigterm() {
 async fn a_flag_beats_the_environment() {
     let ws = Workspace::new("EdDSA");
     let mut child = command()
-        .args(["serve", "--port", "0", "--store", &ws.store])
+        .args(["serve", "--port", "0", "--store", ws.store_url()])
         .env("PORT", "1") // would fail: privileged port
         .env("STORE", "sqlite:/nonexistent-dir/x.db")
         .env("PRIVATE_KEY_PATH", &ws.key_path)

@@ -12,7 +12,7 @@ use crate::config::{CreateKeyArgs, CreateOrgArgs, IntegrationCreateArgs, StoreAr
 use crate::store::{self, NewIntegrationKey, Store};
 
 async fn open(args: &StoreArgs) -> anyhow::Result<std::sync::Arc<dyn Store>> {
-    Ok(store::open(args.store_url()).await?)
+    Ok(store::open(args).await?)
 }
 
 fn check_key_id(key_id: &str) -> anyhow::Result<()> {

@@ -28,18 +28,14 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "signing key loaded"
     );
 
-    let store_url = match (&args.store.store, args.dev) {
-        (None, true) => {
-            std::fs::create_dir_all(&args.data_dir)
-                .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-            format!(
-                "sqlite:{}",
-                args.data_dir.join("token-exchange.db").display()
-            )
-        }
-        _ => args.store.store_url().to_owned(),
-    };
-    let store = store::open(&store_url).await?;
+    let mut store_args = args.store.clone();
+    if args.dev && store_args.store.is_none() {
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+        let path = args.data_dir.join("token-exchange.db");
+        store_args.store = Some(format!("sqlite:{}", path.display()));
+    }
+    let store = store::open(&store_args).await?;
     let demo = if args.dev {
         Some(dev_demo_keys(store.as_ref(), &args.data_dir).await?)
     } else {

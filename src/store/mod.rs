@@ -6,6 +6,7 @@
 //! holding a key). The admin CLI needs [`Admin`]. A backend implements all
 //! three; [`open`] picks one from the `--store` setting.
 
+pub mod datastore;
 mod sqlite;
 
 use std::sync::Arc;
@@ -14,7 +15,9 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::api_key::AutojoinApiKey;
+use crate::config::StoreArgs;
 
+pub use datastore::{DatastoreConfig, DatastoreStore};
 pub use sqlite::SqliteStore;
 
 /// What the store knows about one integration key. The secret itself is
@@ -119,8 +122,9 @@ pub trait Store: IntegrationKeys + AutojoinKeys + Admin {}
 impl<T: IntegrationKeys + AutojoinKeys + Admin> Store for T {}
 
 /// Opens the store named by `--store`: `sqlite:PATH` (the file is created
-/// on first use).
-pub async fn open(store: &str) -> Result<Arc<dyn Store>, StoreError> {
+/// on first use) or `datastore`.
+pub async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, StoreError> {
+    let store = args.store_url();
     if let Some(path) = store.strip_prefix("sqlite:") {
         let path = path.strip_prefix("//").unwrap_or(path);
         if path.is_empty() {
@@ -132,8 +136,18 @@ pub async fn open(store: &str) -> Result<Arc<dyn Store>, StoreError> {
             SqliteStore::open(std::path::Path::new(path)).await?,
         ));
     }
+    if store == "datastore" {
+        return Ok(Arc::new(DatastoreStore::new(&DatastoreConfig {
+            project_id: args.project_id.clone(),
+            platform_ns: args.platform_ns.clone(),
+            client_integration_ns: args.client_integration_ns.clone(),
+            timeout: args.store_timeout,
+            emulator_host: std::env::var("DATASTORE_EMULATOR_HOST").ok(),
+        })?));
+    }
+    // Only the scheme is echoed: a database URL may hold a password.
     Err(StoreError::Config(format!(
-        "unsupported --store {:?}: expected sqlite:PATH",
+        "unsupported --store {:?}: expected sqlite:PATH or datastore",
         store.split(':').next().unwrap_or_default()
     )))
 }

@@ -1,23 +1,32 @@
-//! Helpers for end-to-end tests: the real binary for the admin CLI, a real
-//! SQLite file, and the server on a real socket (port 0).
+//! Helpers for end-to-end tests: the real binary for the admin CLI, real
+//! stores (a SQLite file, the Datastore emulator), and the server on a real
+//! socket (port 0).
 
 #![allow(dead_code)] // each test file uses a different subset
+
+pub mod emulator;
+pub mod seed;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use tempfile::TempDir;
 use token_exchange::app::Application;
+use token_exchange::config::StoreArgs;
 use token_exchange::http::AppState;
 use token_exchange::signing::{KeySet, SigningKey};
 use token_exchange::validate::Validator;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_token-exchange");
 
+/// The project every Datastore test uses; tests are kept apart by namespace.
+pub const TEST_PROJECT: &str = "token-exchange-test";
+
 /// Settings a developer's shell might export that would change what the
-/// binary does under test.
+/// binary does under test. `DATASTORE_EMULATOR_HOST` is kept on purpose.
 const ENV_SETTINGS: &[&str] = &[
     "STORE",
     "PORT",
@@ -25,6 +34,7 @@ const ENV_SETTINGS: &[&str] = &[
     "PROJECT_ID",
     "PLATFORM_NS",
     "CLIENT_INTEGRATION_NS",
+    "STORE_TIMEOUT",
     "DEV",
     "DATA_DIR",
     "RUST_LOG",
@@ -62,68 +72,143 @@ pub fn run_json(args: &[&str]) -> Value {
     })
 }
 
-/// A temporary folder with a SQLite store and a signing key.
+/// A store the behaviour suite runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Datastore,
+}
+
+/// A unique suffix, so tests sharing an emulator never see each other.
+pub fn unique(prefix: &str) -> String {
+    let mut bytes = [0u8; 6];
+    aws_lc_rs::rand::fill(&mut bytes).unwrap();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}-{hex}")
+}
+
+/// A temporary folder with a signing key, and a store of one backend.
 pub struct Workspace {
     pub dir: TempDir,
-    pub store: String,
+    pub backend: Backend,
     pub key_path: PathBuf,
+    /// `--store`, `--project-id` and namespace flags for the CLI.
+    pub store_flags: Vec<String>,
+    pub store_args: StoreArgs,
 }
 
 impl Workspace {
+    /// A SQLite workspace.
     pub fn new(alg: &str) -> Self {
+        Self::with_backend(Backend::Sqlite, alg).expect("SQLite is always available")
+    }
+
+    /// A workspace on `backend`; `None` (after saying why) when the backend
+    /// is not available here: Datastore tests need `DATASTORE_EMULATOR_HOST`.
+    pub fn with_backend(backend: Backend, alg: &str) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
-        let store = format!("sqlite:{}", dir.path().join("store.db").display());
+        let store_args = match backend {
+            Backend::Sqlite => StoreArgs {
+                store: Some(format!("sqlite:{}", dir.path().join("store.db").display())),
+                project_id: TEST_PROJECT.into(),
+                platform_ns: "platform-credentials".into(),
+                client_integration_ns: "client-integration".into(),
+                store_timeout: Duration::from_secs(2),
+            },
+            Backend::Datastore => {
+                if std::env::var_os("DATASTORE_EMULATOR_HOST").is_none() {
+                    eprintln!(
+                        "SKIPPED: DATASTORE_EMULATOR_HOST is not set (scripts/test starts the emulator)"
+                    );
+                    return None;
+                }
+                StoreArgs {
+                    store: Some("datastore".into()),
+                    project_id: TEST_PROJECT.into(),
+                    platform_ns: unique("pc"),
+                    client_integration_ns: unique("ci"),
+                    store_timeout: Duration::from_secs(2),
+                }
+            }
+        };
+        let store_flags = vec![
+            "--store".into(),
+            store_args.store.clone().unwrap(),
+            "--project-id".into(),
+            store_args.project_id.clone(),
+            "--platform-ns".into(),
+            store_args.platform_ns.clone(),
+            "--client-integration-ns".into(),
+            store_args.client_integration_ns.clone(),
+        ];
         let key_path = dir.path().join("jwk-priv.json");
         run_ok(&["keygen", "--alg", alg, "--out", key_path.to_str().unwrap()]);
-        Self {
+        Some(Self {
             dir,
-            store,
+            backend,
             key_path,
-        }
+            store_flags,
+            store_args,
+        })
+    }
+
+    /// The `--store` value.
+    pub fn store_url(&self) -> &str {
+        self.store_args.store.as_deref().unwrap()
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
+    /// Runs an admin command against this workspace's store.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(self.store_flags.iter().map(String::as_str));
+        command().args(&all).output().expect("run the binary")
+    }
+
+    /// Runs an admin command that must succeed, with `--json`.
+    pub fn admin_json(&self, args: &[&str]) -> Value {
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--json");
+        all.extend(self.store_flags.iter().map(String::as_str));
+        run_json(&all)
+    }
+
     /// Creates an integration key with the CLI; returns the API key.
     pub fn integration_key(&self, integration: &str, extra: &[&str]) -> String {
-        let mut args = vec![
-            "integration",
-            "create",
-            "--store",
-            &self.store,
-            "--integration-id",
-            integration,
-            "--json",
-        ];
+        let mut args = vec!["integration", "create", "--integration-id", integration];
         args.extend_from_slice(extra);
-        run_json(&args)["api_key"].as_str().unwrap().to_owned()
+        self.admin_json(&args)["api_key"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     /// Creates an organization and a key for it with the CLI; returns the key.
     pub fn autojoin_key(&self, org: &str) -> String {
-        run_ok(&[
+        let out = self.admin(&[
             "autojoin",
             "create-org",
-            "--store",
-            &self.store,
             "--org",
             org,
             "--email",
             "ops@example.org",
         ]);
-        let v = run_json(&[
-            "autojoin",
-            "create-key",
-            "--store",
-            &self.store,
-            "--org",
-            org,
-            "--json",
-        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = self.admin_json(&["autojoin", "create-key", "--org", org]);
         assert_eq!(v["org"], org);
         v["api_key"].as_str().unwrap().to_owned()
+    }
+
+    /// Writes entities directly, the way other programs do.
+    pub fn seeder(&self) -> seed::Seeder {
+        seed::Seeder::new(self)
     }
 }
 
@@ -141,8 +226,12 @@ impl Drop for TestApp {
 }
 
 pub async fn spawn_app(ws: &Workspace) -> TestApp {
+    spawn_app_with(ws, &ws.store_args).await
+}
+
+pub async fn spawn_app_with(ws: &Workspace, store_args: &StoreArgs) -> TestApp {
     let key = SigningKey::load(&ws.key_path).unwrap();
-    let store = token_exchange::store::open(&ws.store).await.unwrap();
+    let store = token_exchange::store::open(store_args).await.unwrap();
     let state = AppState::new(
         Arc::new(KeySet::new(key)),
         Validator::new(store.clone(), store),
@@ -169,6 +258,10 @@ impl TestApp {
             .send()
             .await
             .unwrap()
+    }
+
+    pub async fn status(&self, route: &str, api_key: &str) -> u16 {
+        self.exchange(route, api_key).await.status().as_u16()
     }
 
     pub async fn token(&self, route: &str, api_key: &str) -> String {

@@ -1,0 +1,249 @@
+//! A thin client for the Datastore v1 REST API: lookup, runQuery,
+//! beginTransaction, commit, rollback. It owns authentication, timeouts,
+//! the one retry of reads, and the sorting of failures into transient
+//! (worth retrying; a 503 to callers) and permanent.
+
+use std::time::Duration;
+
+use axum::http::Extensions;
+use google_cloud_auth::credentials::{self, CacheableResource, Credentials};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::wire::{
+    BeginTransactionResponse, CommitRequest, ErrorBody, Key, LookupRequest, LookupResponse,
+    PartitionId, ReadOptions, RollbackRequest, RunQueryRequest, RunQueryResponse,
+};
+
+/// Where production Datastore lives.
+const PRODUCTION_BASE: &str = "https://datastore.googleapis.com";
+/// The OAuth scope for Datastore data access.
+const DATASTORE_SCOPE: &str = "https://www.googleapis.com/auth/datastore";
+/// Pause before the one retry of a failed read: long enough to step over
+/// a dropped connection, short enough to stay well within a request.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// A Datastore call that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Unreachable, timed out, overloaded (5xx, 429, UNAVAILABLE): may work later.
+    #[error("{0}")]
+    Transient(String),
+    /// An insert hit an existing entity.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// Anything else: a bad request, no permission, an unreadable answer.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl CallError {
+    fn is_transient(&self) -> bool {
+        matches!(self, CallError::Transient(_))
+    }
+}
+
+enum Auth {
+    /// The emulator takes no credentials.
+    None,
+    Google(Credentials),
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    project: String,
+    auth: Auth,
+}
+
+impl Client {
+    /// A client for `project`. Given an emulator host it talks plain HTTP
+    /// to it without credentials, as Google's clients do; otherwise it uses
+    /// Application Default Credentials.
+    pub fn new(
+        project: &str,
+        timeout: Duration,
+        emulator_host: Option<&str>,
+    ) -> Result<Self, CallError> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| CallError::Permanent(format!("cannot build the HTTP client: {e}")))?;
+        let (base, auth) = match emulator_host.filter(|h| !h.is_empty()) {
+            Some(host) => {
+                let base = if host.contains("://") {
+                    host.to_owned()
+                } else {
+                    format!("http://{host}")
+                };
+                (base, Auth::None)
+            }
+            None => {
+                let creds = credentials::Builder::default()
+                    .with_scopes([DATASTORE_SCOPE])
+                    .build()
+                    .map_err(|e| CallError::Permanent(format!("no Google credentials: {e}")))?;
+                (PRODUCTION_BASE.to_owned(), Auth::Google(creds))
+            }
+        };
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            project: project.to_owned(),
+            auth,
+        })
+    }
+
+    pub fn uses_emulator(&self) -> bool {
+        matches!(self.auth, Auth::None)
+    }
+
+    async fn call<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &self,
+        method: &str,
+        body: &Req,
+    ) -> Result<Resp, CallError> {
+        let url = format!("{}/v1/projects/{}:{method}", self.base, self.project);
+        let mut request = self.http.post(&url).json(body);
+        if let Auth::Google(creds) = &self.auth {
+            match creds.headers(Extensions::new()).await {
+                Ok(CacheableResource::New { data, .. }) => request = request.headers(data),
+                // Only possible when a previous entity tag is passed, which we never do.
+                Ok(CacheableResource::NotModified) => {}
+                Err(e) if e.is_transient() => {
+                    return Err(CallError::Transient(format!("credentials: {e}")));
+                }
+                Err(e) => return Err(CallError::Permanent(format!("credentials: {e}"))),
+            }
+        }
+        let response = request.send().await.map_err(|e| {
+            // Connection refused, reset, DNS, timeout: all worth a retry.
+            CallError::Transient(format!("{method}: {}", error_chain(&e)))
+        })?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| {
+            CallError::Transient(format!("{method}: reading the answer: {}", error_chain(&e)))
+        })?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| CallError::Permanent(format!("{method}: unexpected answer: {e}")));
+        }
+        let detail = serde_json::from_slice::<ErrorBody>(&bytes)
+            .unwrap_or_default()
+            .error;
+        let what = format!(
+            "{method}: HTTP {status} {} {}",
+            detail.status, detail.message
+        );
+        Err(match (status.as_u16(), detail.status.as_str()) {
+            (409, "ALREADY_EXISTS") | (_, "ALREADY_EXISTS") => CallError::AlreadyExists(what),
+            (
+                _,
+                "UNAVAILABLE" | "DEADLINE_EXCEEDED" | "RESOURCE_EXHAUSTED" | "INTERNAL" | "ABORTED",
+            ) => CallError::Transient(what),
+            (429 | 500..=599, _) => CallError::Transient(what),
+            _ => CallError::Permanent(what),
+        })
+    }
+
+    /// A read, retried once if the first attempt failed transiently.
+    async fn read<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &self,
+        method: &str,
+        body: &Req,
+    ) -> Result<Resp, CallError> {
+        match self.call(method, body).await {
+            Err(e) if e.is_transient() => {
+                tracing::debug!(error = %e, "Datastore read failed; retrying once");
+                tokio::time::sleep(RETRY_PAUSE).await;
+                self.call(method, body).await
+            }
+            other => other,
+        }
+    }
+
+    /// Looks up keys; inside `transaction` if given.
+    pub async fn lookup(
+        &self,
+        keys: &[Key],
+        transaction: Option<&str>,
+    ) -> Result<LookupResponse, CallError> {
+        let request = LookupRequest {
+            keys,
+            read_options: transaction.map(|transaction| ReadOptions { transaction }),
+        };
+        let response: LookupResponse = if transaction.is_some() {
+            self.call("lookup", &request).await?
+        } else {
+            self.read("lookup", &request).await?
+        };
+        if !response.deferred.is_empty() {
+            return Err(CallError::Transient(
+                "lookup: Datastore deferred some keys".into(),
+            ));
+        }
+        Ok(response)
+    }
+
+    pub async fn run_query(
+        &self,
+        partition: &PartitionId,
+        query: serde_json::Value,
+    ) -> Result<RunQueryResponse, CallError> {
+        let request = RunQueryRequest {
+            partition_id: partition,
+            query,
+        };
+        self.read("runQuery", &request).await
+    }
+
+    pub async fn begin_transaction(&self) -> Result<String, CallError> {
+        let response: BeginTransactionResponse = self
+            .call("beginTransaction", &serde_json::json!({}))
+            .await?;
+        Ok(response.transaction)
+    }
+
+    /// Applies `mutations` atomically: within `transaction`, or on their own.
+    pub async fn commit(
+        &self,
+        transaction: Option<&str>,
+        mutations: Vec<serde_json::Value>,
+    ) -> Result<(), CallError> {
+        let request = CommitRequest {
+            mode: if transaction.is_some() {
+                "TRANSACTIONAL"
+            } else {
+                "NON_TRANSACTIONAL"
+            },
+            transaction,
+            mutations,
+        };
+        let _: serde_json::Value = self.call("commit", &request).await?;
+        Ok(())
+    }
+
+    /// Best effort: a transaction left open expires on its own.
+    pub async fn rollback(&self, transaction: &str) {
+        let result: Result<serde_json::Value, _> = self
+            .call("rollback", &RollbackRequest { transaction })
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "Datastore rollback failed");
+        }
+    }
+}
+
+/// reqwest's top-level message hides the cause ("error sending request");
+/// the chain says what actually happened (connection refused, timed out).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,328 @@
+//! Google Cloud Datastore, in the layout M-Lab's other programs share
+//! (COMPAT.md, "Google Cloud Datastore layout").
+//!
+//! Other programs load these entities into fixed Go structs, and a load
+//! fails on a property the struct lacks, so we write exactly the listed
+//! properties with exactly their types, and nothing more.
+
+mod client;
+pub mod wire;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value, json};
+use time::OffsetDateTime;
+
+use self::client::{CallError, Client};
+use self::wire::{Entity, Key, PartitionId, PathElement};
+use super::{
+    Admin, AutojoinKeys, IntegrationKeyRecord, IntegrationKeys, NewIntegrationKey, STATUS_ACTIVE,
+    StoreError,
+};
+use crate::api_key::AutojoinApiKey;
+
+/// Kinds, as the Go programs name them.
+pub const INTEGRATION_KIND: &str = "IntegrationMeta";
+pub const INTEGRATION_KEY_KIND: &str = "IntegrationAPIKey";
+pub const ORGANIZATION_KIND: &str = "Organization";
+pub const AUTOJOIN_KEY_KIND: &str = "APIKey";
+
+/// Where the entities live.
+#[derive(Debug, Clone)]
+pub struct DatastoreConfig {
+    pub project_id: String,
+    /// Namespace of `Organization` and `APIKey`.
+    pub platform_ns: String,
+    /// Namespace of `IntegrationMeta` and `IntegrationAPIKey`.
+    pub client_integration_ns: String,
+    /// Limit on each call to Datastore.
+    pub timeout: Duration,
+    /// `host:port` of the emulator (`DATASTORE_EMULATOR_HOST`), if used.
+    pub emulator_host: Option<String>,
+}
+
+pub struct DatastoreStore {
+    client: Client,
+    platform: PartitionId,
+    integrations: PartitionId,
+}
+
+impl From<CallError> for StoreError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Transient(m) => StoreError::Unavailable(format!("Datastore: {m}")),
+            CallError::AlreadyExists(m) => StoreError::AlreadyExists(m),
+            CallError::Permanent(m) => StoreError::Backend(format!("Datastore: {m}")),
+        }
+    }
+}
+
+impl DatastoreStore {
+    /// Prepares the client. Nothing is sent until the first operation, so a
+    /// Datastore outage at start-up does not stop the server.
+    pub fn new(config: &DatastoreConfig) -> Result<Self, StoreError> {
+        let client = Client::new(
+            &config.project_id,
+            config.timeout,
+            config.emulator_host.as_deref(),
+        )
+        .map_err(|e| StoreError::Config(format!("Datastore: {e}")))?;
+        if client.uses_emulator() {
+            tracing::info!(project = %config.project_id, "using the Datastore emulator (DATASTORE_EMULATOR_HOST)");
+        }
+        let partition = |ns: &str| PartitionId {
+            project_id: config.project_id.clone(),
+            namespace_id: ns.to_owned(),
+        };
+        Ok(Self {
+            client,
+            platform: partition(&config.platform_ns),
+            integrations: partition(&config.client_integration_ns),
+        })
+    }
+
+    fn key(partition: &PartitionId, path: &[(&str, &str)]) -> Key {
+        Key {
+            partition_id: partition.clone(),
+            path: path
+                .iter()
+                .map(|(kind, name)| PathElement {
+                    kind: (*kind).to_owned(),
+                    name: Some((*name).to_owned()),
+                    id: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn integration_key_path(&self, integration_id: &str, key_id: &str) -> Key {
+        Self::key(
+            &self.integrations,
+            &[
+                (INTEGRATION_KIND, integration_id),
+                (INTEGRATION_KEY_KIND, key_id),
+            ],
+        )
+    }
+
+    /// Runs `body` in a transaction, rolling back if it fails before commit.
+    async fn in_transaction<T, F, Fut>(&self, body: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Result<(T, Vec<Value>), StoreError>>,
+    {
+        let tx = self.client.begin_transaction().await?;
+        let (value, mutations) = match body(tx.clone()).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.client.rollback(&tx).await;
+                return Err(e);
+            }
+        };
+        self.client.commit(Some(&tx), mutations).await?;
+        Ok(value)
+    }
+
+    async fn exists(&self, key: &Key, tx: &str) -> Result<bool, StoreError> {
+        let found = self
+            .client
+            .lookup(std::slice::from_ref(key), Some(tx))
+            .await?;
+        Ok(!found.found.is_empty())
+    }
+}
+
+fn insert(key: Key, properties: Map<String, Value>) -> Value {
+    json!({ "insert": Entity { key, properties } })
+}
+
+fn properties<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+#[async_trait]
+impl IntegrationKeys for DatastoreStore {
+    async fn integration_key(
+        &self,
+        integration_id: &str,
+        key_id: &str,
+    ) -> Result<Option<IntegrationKeyRecord>, StoreError> {
+        let key = self.integration_key_path(integration_id, key_id);
+        let response = self.client.lookup(std::slice::from_ref(&key), None).await?;
+        let Some(found) = response.found.into_iter().next() else {
+            return Ok(None);
+        };
+        let entity = found.entity;
+        Ok(Some(IntegrationKeyRecord {
+            // A missing hash can never match a computed one.
+            key_hash: entity.string("key_hash").unwrap_or_default().to_owned(),
+            // A missing status is not "active", so the key is refused.
+            status: entity.string("status").unwrap_or_default().to_owned(),
+            // Keys written before tiers existed have none: the default tier.
+            tier: entity.integer("tier").unwrap_or(0),
+        }))
+    }
+}
+
+#[async_trait]
+impl AutojoinKeys for DatastoreStore {
+    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
+        // Two results are enough to detect a key held by two organizations.
+        let query = wire::equality_query(
+            AUTOJOIN_KEY_KIND,
+            "key",
+            wire::string(key.secret().expose()),
+            2,
+        );
+        let response = self
+            .client
+            .run_query(&self.platform, query)
+            .await
+            .map_err(|e| {
+                // The query carries the key; make sure no error text can.
+                let text = e.to_string().replace(key.secret().expose(), "<redacted>");
+                StoreError::from(match e {
+                    CallError::Transient(_) => CallError::Transient(text),
+                    _ => CallError::Permanent(text),
+                })
+            })?;
+        let results = response.batch.entity_results;
+        if results.len() > 1 {
+            tracing::error!(
+                fingerprint = %key.fingerprint(),
+                "an autojoin key is held by more than one organization; refusing it until the data is fixed"
+            );
+            return Ok(None);
+        }
+        let Some(result) = results.into_iter().next() else {
+            return Ok(None);
+        };
+        match result.entity.key.parent() {
+            Some(parent) if parent.kind == ORGANIZATION_KIND && parent.name.is_some() => {
+                Ok(parent.name.clone())
+            }
+            _ => {
+                tracing::error!(
+                    fingerprint = %key.fingerprint(),
+                    "an autojoin key entity has no parent organization; refusing it"
+                );
+                Ok(None)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Admin for DatastoreStore {
+    async fn create_integration_key(&self, new: &NewIntegrationKey) -> Result<bool, StoreError> {
+        let meta_key = Self::key(
+            &self.integrations,
+            &[(INTEGRATION_KIND, &new.integration_id)],
+        );
+        let key_key = self.integration_key_path(&new.integration_id, &new.key_id);
+        let result = self
+            .in_transaction(|tx| async move {
+                let mut mutations = Vec::new();
+                let create = !self.exists(&meta_key, &tx).await?;
+                if create {
+                    mutations.push(insert(
+                        meta_key,
+                        properties([
+                            ("created_at", wire::timestamp(new.created_at)),
+                            ("description", wire::string(&new.integration_description)),
+                        ]),
+                    ));
+                }
+                mutations.push(insert(
+                    key_key,
+                    properties([
+                        ("key_hash", wire::string(&new.key_hash)),
+                        ("created_at", wire::timestamp(new.created_at)),
+                        ("description", wire::string(&new.key_description)),
+                        ("status", wire::string(STATUS_ACTIVE)),
+                        ("tier", wire::integer(new.tier)),
+                    ]),
+                ));
+                Ok((create, mutations))
+            })
+            .await;
+        match result {
+            Err(StoreError::AlreadyExists(_)) => Err(StoreError::AlreadyExists(format!(
+                "key {} of integration {}",
+                new.key_id, new.integration_id
+            ))),
+            other => other,
+        }
+    }
+
+    async fn is_empty(&self) -> Result<bool, StoreError> {
+        let response = self
+            .client
+            .run_query(
+                &self.integrations,
+                wire::keys_only_query(INTEGRATION_KIND, 1),
+            )
+            .await?;
+        Ok(response.batch.entity_results.is_empty())
+    }
+
+    async fn create_org(
+        &self,
+        name: &str,
+        email: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let key = Self::key(&self.platform, &[(ORGANIZATION_KIND, name)]);
+        let mutation = insert(
+            key,
+            properties([
+                ("name", wire::string(name)),
+                ("email", wire::string(email)),
+                ("created_at", wire::timestamp(now)),
+                ("probability_multiplier", wire::double(1.0)),
+            ]),
+        );
+        match self.client.commit(None, vec![mutation]).await {
+            Err(CallError::AlreadyExists(_)) => {
+                Err(StoreError::AlreadyExists(format!("organization {name}")))
+            }
+            other => Ok(other?),
+        }
+    }
+
+    async fn create_autojoin_key(
+        &self,
+        org: &str,
+        key: &AutojoinApiKey,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let org_key = Self::key(&self.platform, &[(ORGANIZATION_KIND, org)]);
+        let plaintext = key.secret().expose();
+        let key_key = Self::key(
+            &self.platform,
+            &[(ORGANIZATION_KIND, org), (AUTOJOIN_KEY_KIND, plaintext)],
+        );
+        let result = self
+            .in_transaction(|tx| async move {
+                if !self.exists(&org_key, &tx).await? {
+                    return Err(StoreError::NotFound(format!("organization {org}")));
+                }
+                let mutation = insert(
+                    key_key,
+                    properties([
+                        ("created_at", wire::timestamp(now)),
+                        ("key", wire::string(plaintext)),
+                    ]),
+                );
+                Ok(((), vec![mutation]))
+            })
+            .await;
+        match result {
+            Err(StoreError::AlreadyExists(_)) => {
+                Err(StoreError::AlreadyExists("that autojoin key".into()))
+            }
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! The behaviour suite: what a caller observes, run unchanged against every
+//! store backend. Keys are made with the real CLI or written directly into
+//! the store the way other programs write them; the server runs on a real
+//! socket; every token is checked by an independent verifier (the
+//! `jsonwebtoken` crate) with the JWKS fetched from the server.
+
+mod support;
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde_json::{Value, json};
+use support::{Backend, Workspace, spawn_app};
+
+/// Runs each listed test once per backend, in a module named after it.
+macro_rules! for_each_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Sqlite).await
+            })*
+        }
+        mod datastore {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Datastore).await
+            })*
+        }
+    };
+}
+
+for_each_backend!(
+    rs256_tokens_verify_independently,
+    es256_tokens_verify_independently,
+    eddsa_tokens_verify_independently,
+    keys_created_while_the_server_runs_work_at_once,
+    keys_written_by_other_programs,
+    organizations_written_by_other_programs,
+    admin_refusals_change_nothing,
+    jwks_over_the_wire,
+);
+
+fn verify(token: &str, jwks: &jsonwebtoken::jwk::JwkSet, alg: Algorithm, audience: &str) -> Value {
+    let header = decode_header(token).unwrap();
+    assert_eq!(header.alg, alg);
+    assert_eq!(header.typ, None, "no typ in the header");
+    let kid = header.kid.expect("kid in the header");
+    let jwk = jwks.find(&kid).expect("token kid is in the JWKS");
+    let mut validation = Validation::new(alg);
+    validation.set_audience(&[audience]);
+    validation.set_issuer(&["token-exchange"]);
+    validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud"]);
+    validation.validate_nbf = true;
+    decode::<Value>(token, &DecodingKey::from_jwk(jwk).unwrap(), &validation)
+        .expect("token verifies")
+        .claims
+}
+
+/// The raw header of a token, to check its exact members.
+fn raw_header(token: &str) -> Value {
+    use base64::Engine as _;
+    let part = token.split('.').next().unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn claim_names(claims: &Value) -> Vec<&str> {
+    let mut names: Vec<&str> = claims
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    names.sort_unstable();
+    names
+}
+
+async fn exchange_and_verify(backend: Backend, alg_name: &str, alg: Algorithm) {
+    let Some(ws) = Workspace::with_backend(backend, alg_name) else {
+        return;
+    };
+    let integration_key = ws.integration_key("acme", &["--tier", "2", "--key-description", "test"]);
+    let autojoin_key = ws.autojoin_key("mlab-test");
+    let app = spawn_app(&ws).await;
+    let jwks = app.jwks().await;
+
+    let token = app.token("integration", &integration_key).await;
+    let header = raw_header(&token);
+    assert_eq!(header.as_object().unwrap().len(), 2, "{header}");
+    assert_eq!(header["alg"], alg_name);
+    let claims = verify(&token, &jwks, alg, "integration");
+    let key_id = integration_key.split('.').nth(2).unwrap();
+    assert_eq!(claims["aud"], json!("integration"), "aud is a plain string");
+    assert_eq!(claims["iss"], "token-exchange");
+    assert_eq!(claims["int_id"], "acme");
+    assert_eq!(claims["key_id"], key_id);
+    assert_eq!(claims["tier"], 2);
+    assert_eq!(claims["iat"], claims["nbf"]);
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        20
+    );
+    assert_eq!(
+        claim_names(&claims),
+        [
+            "aud", "exp", "iat", "int_id", "iss", "jti", "key_id", "nbf", "tier"
+        ]
+    );
+
+    let token = app.token("autojoin", &autojoin_key).await;
+    let claims = verify(&token, &jwks, alg, "autojoin");
+    assert_eq!(claims["aud"], json!("autojoin"));
+    assert_eq!(claims["org"], "mlab-test");
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        3600
+    );
+    assert_eq!(
+        claim_names(&claims),
+        ["aud", "exp", "iat", "iss", "jti", "nbf", "org"]
+    );
+
+    // A token for one audience is refused by a verifier of the other.
+    let mut validation = Validation::new(alg);
+    validation.set_audience(&["integration"]);
+    let jwk = jwks
+        .find(&decode_header(&token).unwrap().kid.unwrap())
+        .unwrap();
+    assert!(decode::<Value>(&token, &DecodingKey::from_jwk(jwk).unwrap(), &validation).is_err());
+
+    // Keys of the wrong kind or with a changed secret get the 401.
+    let mut tampered = integration_key.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'x' { 'y' } else { 'x' });
+    for (route, key) in [
+        ("integration", &tampered),
+        ("integration", &autojoin_key),
+        ("autojoin", &integration_key),
+    ] {
+        let response = app.exchange(route, key).await;
+        assert_eq!(response.status(), 401, "{route}");
+        assert_eq!(response.text().await.unwrap(), "Invalid API key\n");
+    }
+}
+
+async fn rs256_tokens_verify_independently(backend: Backend) {
+    exchange_and_verify(backend, "RS256", Algorithm::RS256).await;
+}
+
+async fn es256_tokens_verify_independently(backend: Backend) {
+    exchange_and_verify(backend, "ES256", Algorithm::ES256).await;
+}
+
+async fn eddsa_tokens_verify_independently(backend: Backend) {
+    exchange_and_verify(backend, "EdDSA", Algorithm::EdDSA).await;
+}
+
+async fn keys_created_while_the_server_runs_work_at_once(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let app = spawn_app(&ws).await;
+    let first = ws.integration_key("late", &[]);
+    assert_eq!(app.status("integration", &first).await, 200);
+    // A second key of the same integration: both work.
+    let second = ws.integration_key("late", &["--key-id", "ki_second"]);
+    assert_eq!(app.status("integration", &second).await, 200);
+    assert_eq!(app.status("integration", &first).await, 200);
+    let org_key = ws.autojoin_key("late-org");
+    assert_eq!(app.status("autojoin", &org_key).await, 200);
+}
+
+async fn keys_written_by_other_programs(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let seed = ws.seeder();
+    let tier2 = seed
+        .integration_key("seeded", "ki_tier2", "secret-tier2", "active", Some(2))
+        .await;
+    let untiered = seed
+        .integration_key("seeded", "ki_untiered", "secret-untiered", "active", None)
+        .await;
+    let revoked = seed
+        .integration_key("seeded", "ki_revoked", "secret-revoked", "revoked", Some(0))
+        .await;
+    let inactive = seed
+        .integration_key(
+            "seeded",
+            "ki_inactive",
+            "secret-inactive",
+            "inactive",
+            Some(0),
+        )
+        .await;
+    let blank = seed
+        .integration_key("seeded", "ki_blank", "secret-blank", "", Some(0))
+        .await;
+    let upper = seed
+        .integration_key("seeded", "ki_upper", "secret-upper", "ACTIVE", Some(0))
+        .await;
+    let app = spawn_app(&ws).await;
+    let jwks = app.jwks().await;
+
+    let claims = verify(
+        &app.token("integration", &tier2).await,
+        &jwks,
+        Algorithm::EdDSA,
+        "integration",
+    );
+    assert_eq!(
+        (claims["int_id"].as_str(), claims["key_id"].as_str()),
+        (Some("seeded"), Some("ki_tier2"))
+    );
+    assert_eq!(claims["tier"], 2);
+    let claims = verify(
+        &app.token("integration", &untiered).await,
+        &jwks,
+        Algorithm::EdDSA,
+        "integration",
+    );
+    assert_eq!(
+        claims["tier"], 0,
+        "a key without a tier gets the default tier"
+    );
+
+    for (what, key) in [
+        ("revoked", revoked),
+        ("inactive", inactive),
+        ("empty status", blank),
+        ("status in upper case", upper),
+        (
+            "wrong secret",
+            tier2.replace("secret-tier2", "secret-tier3"),
+        ),
+        ("unknown key ID", tier2.replace("ki_tier2", "ki_nothere")),
+        (
+            "unknown integration",
+            tier2.replace("cii_seeded", "cii_nothere"),
+        ),
+    ] {
+        let response = app.exchange("integration", &key).await;
+        assert_eq!(response.status(), 401, "{what}");
+        assert_eq!(
+            response.text().await.unwrap(),
+            "Invalid API key\n",
+            "{what}"
+        );
+    }
+}
+
+async fn organizations_written_by_other_programs(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "RS256") else {
+        return;
+    };
+    let seed = ws.seeder();
+    seed.org("legacy-org", None).await;
+    seed.org("current-org", Some(1.0)).await;
+    seed.autojoin_key("legacy-org", "legacy-org-key-0123456789abcdefghijklmnopq")
+        .await;
+    seed.autojoin_key("current-org", "current-org-key-0123456789abcdefghijklmnop")
+        .await;
+    let app = spawn_app(&ws).await;
+    let jwks = app.jwks().await;
+    for (org, key) in [
+        ("legacy-org", "legacy-org-key-0123456789abcdefghijklmnopq"),
+        ("current-org", "current-org-key-0123456789abcdefghijklmnop"),
+    ] {
+        let claims = verify(
+            &app.token("autojoin", key).await,
+            &jwks,
+            Algorithm::RS256,
+            "autojoin",
+        );
+        assert_eq!(claims["org"], org);
+    }
+    // A key of the CLI's making for a seeded organization works too.
+    let v = ws.admin_json(&["autojoin", "create-key", "--org", "legacy-org"]);
+    assert_eq!(
+        app.status("autojoin", v["api_key"].as_str().unwrap()).await,
+        200
+    );
+    assert_eq!(app.status("autojoin", "not-a-known-key").await, 401);
+}
+
+async fn admin_refusals_change_nothing(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let original = ws.integration_key("acme", &["--key-id", "ki_fixed"]);
+    let out = ws.admin(&[
+        "integration",
+        "create",
+        "--integration-id",
+        "acme",
+        "--key-id",
+        "ki_fixed",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    assert!(
+        out.stdout.is_empty(),
+        "no key is printed when nothing was created"
+    );
+
+    let out = ws.admin(&["autojoin", "create-key", "--org", "nobody"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+
+    ws.autojoin_key("org-once");
+    let out = ws.admin(&[
+        "autojoin",
+        "create-org",
+        "--org",
+        "org-once",
+        "--email",
+        "b@example.org",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+
+    // The refused duplicate did not replace the original key.
+    let app = spawn_app(&ws).await;
+    assert_eq!(app.status("integration", &original).await, 200);
+}
+
+async fn jwks_over_the_wire(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "RS256") else {
+        return;
+    };
+    let app = spawn_app(&ws).await;
+    let response = app
+        .client
+        .get(format!("{}/.well-known/jwks.json", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(
+        headers["cache-control"],
+        "public, max-age=3600, must-revalidate"
+    );
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    let body: Value = response.json().await.unwrap();
+    let private: Value = serde_json::from_slice(&std::fs::read(&ws.key_path).unwrap()).unwrap();
+    let key = &body["keys"][0];
+    assert_eq!(key["kid"], private["kid"]);
+    assert_eq!(key["n"], private["n"]);
+    assert_eq!(key["e"], private["e"]);
+    assert_eq!(key["use"], "sig");
+    assert!(key.get("d").is_none() && key.get("p").is_none() && key.get("qi").is_none());
+
+    let health = app
+        .client
+        .get(format!("{}/health", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.text().await.unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_request_finish() {
+    use std::sync::Arc;
+    use token_exchange::app::Application;
+    use token_exchange::http::AppState;
+    use token_exchange::signing::{KeySet, SigningKey};
+    use token_exchange::validate::Validator;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let ws = Workspace::new("EdDSA");
+    let key = ws.integration_key("acme", &[]);
+    let store = token_exchange::store::open(&ws.store_args).await.unwrap();
+    let state = AppState::new(
+        Arc::new(KeySet::new(SigningKey::load(&ws.key_path).unwrap())),
+        Validator::new(store.clone(), store),
+    );
+    let app = Application::build("127.0.0.1:0".parse().unwrap(), state)
+        .await
+        .unwrap();
+    let addr = app.local_addr();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stop_rx.await;
+    }));
+
+    // A request whose body is only half sent when the stop comes.
+    let body = format!(r#"{{"api_key":"{key}"}}"#);
+    let (first, rest) = body.split_at(10);
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v0/token/integration HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(first.as_bytes()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    stop_tx.send(()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // New connections are refused once stopping...
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    // ...while the one in flight completes.
+    conn.write_all(rest.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let result = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    result.expect("server stopped").unwrap().unwrap();
+}
