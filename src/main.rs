@@ -17,6 +17,10 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // By default a failed log write is reported with eprintln!, which
+        // panics when stderr is a closed pipe; losing a log line must never
+        // take the server down.
+        .log_internal_errors(false)
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
         )

@@ -408,3 +408,46 @@ async fn serve_dev_needs_no_setup_and_prints_a_working_curl() {
     assert_eq!(kids[0], kids[1], "the development key is kept between runs");
     assert!(dir.path().join("token-exchange-dev/jwk-priv.json").exists());
 }
+
+#[tokio::test]
+async fn serve_survives_a_closed_log_pipe() {
+    let ws = Workspace::new("EdDSA");
+    let key = ws.integration_key("pipes", &[]);
+    let mut child = command()
+        .args(["serve", "--port", "0", "--store", ws.store_url()])
+        .args(["--private-key-path", ws.key_path.to_str().unwrap()])
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = lines(child.stderr.take().unwrap());
+    let addr = listening_addr(&stderr);
+    // Whoever read the log went away (a crashed log shipper, `| head`).
+    drop(stderr);
+    std::thread::sleep(Duration::from_millis(200));
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let bad = client
+            .post(format!("http://{addr}/v0/token/integration"))
+            .body(r#"{"api_key":"bad"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bad.status(), 401);
+    }
+    let good = client
+        .post(format!("http://{addr}/v0/token/integration"))
+        .body(format!(r#"{{"api_key":"{key}"}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(good.status(), 200);
+    assert_eq!(
+        child.try_wait().unwrap(),
+        None,
+        "the server is still running"
+    );
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+}

@@ -230,8 +230,13 @@ pub async fn spawn_app(ws: &Workspace) -> TestApp {
 }
 
 pub async fn spawn_app_with(ws: &Workspace, store_args: &StoreArgs) -> TestApp {
-    let key = SigningKey::load(&ws.key_path).unwrap();
     let store = token_exchange::store::open(store_args).await.unwrap();
+    spawn_app_on(ws, store).await
+}
+
+/// The server on a store built by the test.
+pub async fn spawn_app_on(ws: &Workspace, store: Arc<dyn token_exchange::store::Store>) -> TestApp {
+    let key = SigningKey::load(&ws.key_path).unwrap();
     let state = AppState::new(
         Arc::new(KeySet::new(key)),
         Validator::new(store.clone(), store),

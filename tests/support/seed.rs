@@ -38,6 +38,14 @@ impl Seeder {
         }
     }
 
+    /// A seeder that writes to the emulator at `host` rather than the shared one.
+    pub fn for_emulator(ws: &Workspace, host: &str) -> Self {
+        Self {
+            base: format!("http://{host}"),
+            ..Self::new(ws)
+        }
+    }
+
     async fn sqlite(&self) -> sqlx::SqlitePool {
         let path = self.sqlite_path.as_ref().unwrap();
         // The server or CLI creates the schema; make sure it exists.

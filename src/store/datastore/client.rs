@@ -29,6 +29,9 @@ pub enum CallError {
     /// Unreachable, timed out, overloaded (5xx, 429, UNAVAILABLE): may work later.
     #[error("{0}")]
     Transient(String),
+    /// A transaction lost to a concurrent one; running it again may succeed.
+    #[error("{0}")]
+    Aborted(String),
     /// An insert hit an existing entity.
     #[error("already exists: {0}")]
     AlreadyExists(String),
@@ -39,7 +42,7 @@ pub enum CallError {
 
 impl CallError {
     fn is_transient(&self) -> bool {
-        matches!(self, CallError::Transient(_))
+        matches!(self, CallError::Transient(_) | CallError::Aborted(_))
     }
 }
 
@@ -137,11 +140,11 @@ impl Client {
             detail.status, detail.message
         );
         Err(match (status.as_u16(), detail.status.as_str()) {
-            (409, "ALREADY_EXISTS") | (_, "ALREADY_EXISTS") => CallError::AlreadyExists(what),
-            (
-                _,
-                "UNAVAILABLE" | "DEADLINE_EXCEEDED" | "RESOURCE_EXHAUSTED" | "INTERNAL" | "ABORTED",
-            ) => CallError::Transient(what),
+            (_, "ALREADY_EXISTS") => CallError::AlreadyExists(what),
+            (_, "ABORTED") => CallError::Aborted(what),
+            (_, "UNAVAILABLE" | "DEADLINE_EXCEEDED" | "RESOURCE_EXHAUSTED" | "INTERNAL") => {
+                CallError::Transient(what)
+            }
             (429 | 500..=599, _) => CallError::Transient(what),
             _ => CallError::Permanent(what),
         })

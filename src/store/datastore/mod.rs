@@ -51,7 +51,9 @@ pub struct DatastoreStore {
 impl From<CallError> for StoreError {
     fn from(e: CallError) -> Self {
         match e {
-            CallError::Transient(m) => StoreError::Unavailable(format!("Datastore: {m}")),
+            CallError::Transient(m) | CallError::Aborted(m) => {
+                StoreError::Unavailable(format!("Datastore: {m}"))
+            }
             CallError::AlreadyExists(m) => StoreError::AlreadyExists(m),
             CallError::Permanent(m) => StoreError::Backend(format!("Datastore: {m}")),
         }
@@ -106,11 +108,33 @@ impl DatastoreStore {
         )
     }
 
-    /// Runs `body` in a transaction, rolling back if it fails before commit.
+    /// Runs `body` in a transaction and commits the mutations it returns.
+    /// A transaction that loses to a concurrent one (ABORTED) is run again,
+    /// a few times, as Google's own clients do.
     async fn in_transaction<T, F, Fut>(&self, body: F) -> Result<T, StoreError>
     where
-        F: FnOnce(String) -> Fut,
-        Fut: std::future::Future<Output = Result<(T, Vec<Value>), StoreError>>,
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<(T, Vec<Value>), TxError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.try_transaction(&body).await {
+                Err(TxError::Call(CallError::Aborted(why))) if attempt < TRANSACTION_ATTEMPTS => {
+                    tracing::debug!(attempt, %why, "Datastore transaction aborted; running it again");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(TxError::Call(e)) => return Err(e.into()),
+                Err(TxError::Store(e)) => return Err(e),
+                Ok(value) => return Ok(value),
+            }
+        }
+    }
+
+    async fn try_transaction<T, F, Fut>(&self, body: &F) -> Result<T, TxError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<(T, Vec<Value>), TxError>>,
     {
         let tx = self.client.begin_transaction().await?;
         let (value, mutations) = match body(tx.clone()).await {
@@ -124,12 +148,35 @@ impl DatastoreStore {
         Ok(value)
     }
 
-    async fn exists(&self, key: &Key, tx: &str) -> Result<bool, StoreError> {
+    async fn exists(&self, key: &Key, tx: &str) -> Result<bool, TxError> {
         let found = self
             .client
             .lookup(std::slice::from_ref(key), Some(tx))
             .await?;
         Ok(!found.found.is_empty())
+    }
+}
+
+/// Runs of a transaction before giving up on contention.
+const TRANSACTION_ATTEMPTS: u32 = 5;
+
+/// Exponential pause with jitter, so contending writers do not collide again.
+fn backoff(attempt: u32) -> Duration {
+    let mut jitter = [0u8; 1];
+    crate::api_key::fill_random(&mut jitter);
+    Duration::from_millis(20 * (1 << attempt.min(6)) + u64::from(jitter[0]) / 4)
+}
+
+/// Failures inside a transaction: a call that may be retried, or a decision
+/// (not found, already exists) that ends it.
+enum TxError {
+    Call(CallError),
+    Store(StoreError),
+}
+
+impl From<CallError> for TxError {
+    fn from(e: CallError) -> Self {
+        TxError::Call(e)
     }
 }
 
@@ -222,29 +269,32 @@ impl Admin for DatastoreStore {
         );
         let key_key = self.integration_key_path(&new.integration_id, &new.key_id);
         let result = self
-            .in_transaction(|tx| async move {
-                let mut mutations = Vec::new();
-                let create = !self.exists(&meta_key, &tx).await?;
-                if create {
+            .in_transaction(|tx| {
+                let (meta_key, key_key) = (meta_key.clone(), key_key.clone());
+                async move {
+                    let mut mutations = Vec::new();
+                    let create = !self.exists(&meta_key, &tx).await?;
+                    if create {
+                        mutations.push(insert(
+                            meta_key,
+                            properties([
+                                ("created_at", wire::timestamp(new.created_at)),
+                                ("description", wire::string(&new.integration_description)),
+                            ]),
+                        ));
+                    }
                     mutations.push(insert(
-                        meta_key,
+                        key_key,
                         properties([
+                            ("key_hash", wire::string(&new.key_hash)),
                             ("created_at", wire::timestamp(new.created_at)),
-                            ("description", wire::string(&new.integration_description)),
+                            ("description", wire::string(&new.key_description)),
+                            ("status", wire::string(STATUS_ACTIVE)),
+                            ("tier", wire::integer(new.tier)),
                         ]),
                     ));
+                    Ok((create, mutations))
                 }
-                mutations.push(insert(
-                    key_key,
-                    properties([
-                        ("key_hash", wire::string(&new.key_hash)),
-                        ("created_at", wire::timestamp(new.created_at)),
-                        ("description", wire::string(&new.key_description)),
-                        ("status", wire::string(STATUS_ACTIVE)),
-                        ("tier", wire::integer(new.tier)),
-                    ]),
-                ));
-                Ok((create, mutations))
             })
             .await;
         match result {
@@ -304,18 +354,23 @@ impl Admin for DatastoreStore {
             &[(ORGANIZATION_KIND, org), (AUTOJOIN_KEY_KIND, plaintext)],
         );
         let result = self
-            .in_transaction(|tx| async move {
-                if !self.exists(&org_key, &tx).await? {
-                    return Err(StoreError::NotFound(format!("organization {org}")));
+            .in_transaction(|tx| {
+                let (org_key, key_key) = (org_key.clone(), key_key.clone());
+                async move {
+                    if !self.exists(&org_key, &tx).await? {
+                        return Err(TxError::Store(StoreError::NotFound(format!(
+                            "organization {org}"
+                        ))));
+                    }
+                    let mutation = insert(
+                        key_key,
+                        properties([
+                            ("created_at", wire::timestamp(now)),
+                            ("key", wire::string(plaintext)),
+                        ]),
+                    );
+                    Ok(((), vec![mutation]))
                 }
-                let mutation = insert(
-                    key_key,
-                    properties([
-                        ("created_at", wire::timestamp(now)),
-                        ("key", wire::string(plaintext)),
-                    ]),
-                );
-                Ok(((), vec![mutation]))
             })
             .await;
         match result {

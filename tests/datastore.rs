@@ -1,0 +1,302 @@
+//! Datastore only: the exact entities the admin CLI writes (other programs
+//! load them into fixed Go structs), data errors, and outages.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::emulator::{Emulator, free_port};
+use support::{Backend, TEST_PROJECT, Workspace, command, spawn_app};
+
+/// The value type of each property: `{"name": "stringValue", ...}`.
+fn property_types(entity: &Value) -> Vec<(String, String)> {
+    let mut types: Vec<(String, String)> = entity["properties"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, value)| {
+            let kinds: Vec<&String> = value
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| *k != "excludeFromIndexes")
+                .collect();
+            assert_eq!(kinds.len(), 1, "{name}: {value}");
+            (name.clone(), kinds[0].clone())
+        })
+        .collect();
+    types.sort();
+    types
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_cli_writes_exactly_the_shared_layout() {
+    let Some(ws) = Workspace::with_backend(Backend::Datastore, "EdDSA") else {
+        return;
+    };
+    let v = ws.admin_json(&[
+        "integration",
+        "create",
+        "--integration-id",
+        "layout",
+        "--key-id",
+        "ki_layout",
+        "--tier",
+        "3",
+        "--integration-description",
+        "An integration",
+        "--key-description",
+        "A key",
+    ]);
+    let api_key = v["api_key"].as_str().unwrap();
+    let seed = ws.seeder();
+
+    // The integration was created in the same commit as its first key.
+    let meta = seed
+        .datastore_lookup(false, &[("IntegrationMeta", "layout")])
+        .await
+        .expect("IntegrationMeta written");
+    assert_eq!(
+        property_types(&meta),
+        pairs(&[
+            ("created_at", "timestampValue"),
+            ("description", "stringValue")
+        ])
+    );
+    assert_eq!(
+        meta["properties"]["description"]["stringValue"],
+        "An integration"
+    );
+
+    let key = seed
+        .datastore_lookup(
+            false,
+            &[
+                ("IntegrationMeta", "layout"),
+                ("IntegrationAPIKey", "ki_layout"),
+            ],
+        )
+        .await
+        .expect("IntegrationAPIKey written");
+    assert_eq!(
+        property_types(&key),
+        pairs(&[
+            ("created_at", "timestampValue"),
+            ("description", "stringValue"),
+            ("key_hash", "stringValue"),
+            ("status", "stringValue"),
+            ("tier", "integerValue"),
+        ])
+    );
+    let props = &key["properties"];
+    assert_eq!(props["status"]["stringValue"], "active");
+    assert_eq!(props["tier"]["integerValue"], "3");
+    assert_eq!(props["description"]["stringValue"], "A key");
+    let secret = api_key.rsplit('.').next().unwrap();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(props["key_hash"]["stringValue"], hex.as_str());
+
+    ws.admin(&[
+        "autojoin",
+        "create-org",
+        "--org",
+        "layout-org",
+        "--email",
+        "noc@example.net",
+    ]);
+    let org = seed
+        .datastore_lookup(true, &[("Organization", "layout-org")])
+        .await
+        .expect("Organization written");
+    assert_eq!(
+        property_types(&org),
+        pairs(&[
+            ("created_at", "timestampValue"),
+            ("email", "stringValue"),
+            ("name", "stringValue"),
+            ("probability_multiplier", "doubleValue"),
+        ])
+    );
+    assert_eq!(
+        org["properties"]["probability_multiplier"]["doubleValue"],
+        1.0
+    );
+    assert_eq!(org["properties"]["name"]["stringValue"], "layout-org");
+
+    let autojoin = ws.admin_json(&["autojoin", "create-key", "--org", "layout-org"]);
+    let plaintext = autojoin["api_key"].as_str().unwrap();
+    let entity = seed
+        .datastore_lookup(
+            true,
+            &[("Organization", "layout-org"), ("APIKey", plaintext)],
+        )
+        .await
+        .expect("APIKey written under its organization, named by the key");
+    assert_eq!(
+        property_types(&entity),
+        pairs(&[("created_at", "timestampValue"), ("key", "stringValue")])
+    );
+    assert_eq!(entity["properties"]["key"]["stringValue"], plaintext);
+    // The key property is indexed: the autojoin query depends on it.
+    assert!(
+        entity["properties"]["key"]
+            .get("excludeFromIndexes")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_key_held_by_two_organizations_is_refused() {
+    let Some(ws) = Workspace::with_backend(Backend::Datastore, "EdDSA") else {
+        return;
+    };
+    let seed = ws.seeder();
+    seed.org("first", Some(1.0)).await;
+    seed.org("second", Some(1.0)).await;
+    seed.autojoin_key("first", "shared-key-0123456789abcdefghijklmnopqrstu")
+        .await;
+    seed.autojoin_key("second", "shared-key-0123456789abcdefghijklmnopqrstu")
+        .await;
+    seed.autojoin_key("second", "own-key-0123456789abcdefghijklmnopqrstuvw")
+        .await;
+    let app = spawn_app(&ws).await;
+    assert_eq!(
+        app.status("autojoin", "shared-key-0123456789abcdefghijklmnopqrstu")
+            .await,
+        401
+    );
+    assert_eq!(
+        app.status("autojoin", "own-key-0123456789abcdefghijklmnopqrstuvw")
+            .await,
+        200
+    );
+}
+
+/// Needs no emulator: nothing listens on the port.
+#[tokio::test]
+async fn an_unreachable_datastore_is_503_with_retry_after() {
+    let ws = Workspace::new("EdDSA");
+    let port = free_port();
+    let key = "mlabk.cii_acme.ki_0123456789abcdef.0123456789abcdefghijklmnopqrstuvwxyzABCDEFG";
+    let mut child = command()
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--store",
+            "datastore",
+            "--store-timeout",
+            "500ms",
+        ])
+        .args(["--private-key-path", ws.key_path.to_str().unwrap()])
+        .env("DATASTORE_EMULATOR_HOST", format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let addr = {
+        use std::io::BufRead as _;
+        let mut addr = None;
+        for line in stderr.lines().map_while(Result::ok).take(50) {
+            if let Some(rest) = line.split("addr=").nth(1) {
+                addr = Some(rest.split_whitespace().next().unwrap().to_owned());
+                break;
+            }
+        }
+        addr.expect("the server starts without reaching Datastore")
+    };
+    let client = reqwest::Client::new();
+    for (route, body) in [
+        ("integration", format!(r#"{{"api_key":"{key}"}}"#)),
+        ("autojoin", r#"{"api_key":"some-autojoin-key"}"#.to_owned()),
+    ] {
+        let started = Instant::now();
+        let response = client
+            .post(format!("http://{addr}/v0/token/{route}"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503, "{route}");
+        assert_eq!(response.headers()["retry-after"], "1");
+        // Two attempts of at most 500 ms each, and a short pause.
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // Malformed keys are still refused without the store.
+    let response = client
+        .post(format!("http://{addr}/v0/token/integration"))
+        .body(r#"{"api_key":"nonsense"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn an_emulator_outage_is_503_and_recovery_needs_no_restart() {
+    if std::env::var_os("DATASTORE_EMULATOR_HOST").is_none() {
+        eprintln!("SKIPPED: DATASTORE_EMULATOR_HOST is not set (scripts/test starts the emulator)");
+        return;
+    }
+    let Some(ws) = Workspace::with_backend(Backend::Datastore, "EdDSA") else {
+        return;
+    };
+    let port = free_port();
+    let mut emulator = Emulator::start(port).await;
+    // The server talks to this test's own emulator, through the seeder's
+    // raw API on the same port.
+    let own_host = format!("127.0.0.1:{port}");
+    let config = token_exchange::store::DatastoreConfig {
+        project_id: TEST_PROJECT.into(),
+        platform_ns: ws.store_args.platform_ns.clone(),
+        client_integration_ns: ws.store_args.client_integration_ns.clone(),
+        timeout: Duration::from_millis(500),
+        emulator_host: Some(own_host.clone()),
+    };
+    let store = std::sync::Arc::new(token_exchange::store::DatastoreStore::new(&config).unwrap());
+    let app = support::spawn_app_on(&ws, store).await;
+    let seed = support::seed::Seeder::for_emulator(&ws, &own_host);
+    let key = seed
+        .integration_key("outage", "ki_outage", "outage-secret", "active", Some(1))
+        .await;
+    assert_eq!(app.status("integration", &key).await, 200);
+
+    emulator.stop();
+    let response = app.exchange("integration", &key).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(
+        response.text().await.unwrap(),
+        "Service unavailable, retry later\n"
+    );
+
+    // Same port, fresh (empty) emulator: the key must be written again.
+    let _emulator = Emulator::start(port).await;
+    let key = seed
+        .integration_key("outage", "ki_outage", "outage-secret", "active", Some(1))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = app.status("integration", &key).await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery: still {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
