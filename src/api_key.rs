@@ -197,9 +197,7 @@ impl FromStr for IntegrationApiKey {
         // At most four pieces: a fourth means an extra dot, and splitting
         // stops there instead of walking every dot of a hostile input.
         let mut parts = rest.splitn(4, '.');
-        let (Some(integration), Some(key_id), Some(secret)) =
-            (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(integration), Some(key_id), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(ParseError::TooFewParts);
         };
         if parts.next().is_some() {
@@ -304,10 +302,7 @@ pub fn check_new_id(id: &str, max_len: usize) -> Result<(), String> {
     if id.len() > max_len {
         return Err(format!("must be at most {max_len} bytes"));
     }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
         return Err("may contain only ASCII letters, digits, '_' and '-'".into());
     }
     Ok(())
@@ -384,10 +379,7 @@ mod tests {
         let cases: Vec<(String, Result<(), ParseError>)> = vec![
             (key("a", "ki_b", "c"), Ok(())),
             (key(&id64, "ki_b", "c"), Ok(())),
-            (
-                key(&id65, "ki_b", "c"),
-                Err(ParseError::IntegrationIdTooLong),
-            ),
+            (key(&id65, "ki_b", "c"), Err(ParseError::IntegrationIdTooLong)),
             (key("a", &ki64, "c"), Ok(())),
             (key("a", &ki65, "c"), Err(ParseError::KeyIdTooLong)),
             (key("a", "ki_b", &s128), Ok(())),
@@ -405,28 +397,13 @@ mod tests {
             ("mlabk.cii_a.ki_b.c.d".into(), Err(ParseError::TooManyParts)),
             ("mlabk.cii_a.ki_b.c.".into(), Err(ParseError::TooManyParts)),
             ("mlabk....".into(), Err(ParseError::TooManyParts)),
-            (
-                "mlabk.a.ki_b.c".into(),
-                Err(ParseError::MissingIntegrationIdPrefix),
-            ),
-            (
-                "mlabk.ci_a.ki_b.c".into(),
-                Err(ParseError::MissingIntegrationIdPrefix),
-            ),
-            (
-                "mlabk.cii_.ki_b.c".into(),
-                Err(ParseError::EmptyIntegrationId),
-            ),
-            (
-                "mlabk.cii_a.b.c".into(),
-                Err(ParseError::MissingKeyIdPrefix),
-            ),
+            ("mlabk.a.ki_b.c".into(), Err(ParseError::MissingIntegrationIdPrefix)),
+            ("mlabk.ci_a.ki_b.c".into(), Err(ParseError::MissingIntegrationIdPrefix)),
+            ("mlabk.cii_.ki_b.c".into(), Err(ParseError::EmptyIntegrationId)),
+            ("mlabk.cii_a.b.c".into(), Err(ParseError::MissingKeyIdPrefix)),
             ("mlabk.cii_a.ki_.c".into(), Err(ParseError::EmptyKeyId)),
             ("mlabk.cii_a.ki_b.".into(), Err(ParseError::EmptySecret)),
-            (
-                "mlabk..ki_b.c".into(),
-                Err(ParseError::MissingIntegrationIdPrefix),
-            ),
+            ("mlabk..ki_b.c".into(), Err(ParseError::MissingIntegrationIdPrefix)),
             ("mlabk.cii_a..c".into(), Err(ParseError::MissingKeyIdPrefix)),
         ];
         for (input, want) in cases {
@@ -438,10 +415,7 @@ mod tests {
     #[test]
     fn many_dots_fail_fast_as_too_many_parts() {
         let input = format!("mlabk.{}", ".".repeat(290));
-        assert_eq!(
-            input.parse::<IntegrationApiKey>(),
-            Err(ParseError::TooManyParts)
-        );
+        assert_eq!(input.parse::<IntegrationApiKey>(), Err(ParseError::TooManyParts));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Assembles the service and runs it until it is told to stop.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture as _};
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,38 +8,46 @@ use std::time::Duration;
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::http::{AppState, router};
+use crate::http::{AppState, metrics_router, router};
 
 /// How long in-flight requests may take to finish after a stop signal.
 /// Matches the Go service; Kubernetes' default grace period is also 30 s.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// A bound, not yet running, server.
+/// A bound, not yet running, server: the API and the metrics listener.
 pub struct Application {
-    listener: TcpListener,
-    router: Router,
+    api: TcpListener,
+    api_router: Router,
+    metrics: TcpListener,
+    metrics_router: Router,
 }
 
 impl Application {
-    /// Binds `addr` (port 0 picks a free port, for tests) and builds the
-    /// router. Nothing is served until [`Application::run_until_stopped`].
-    pub async fn build(addr: SocketAddr, state: AppState) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+    /// Binds the API on `addr` and the metrics on `metrics_addr` (port 0
+    /// picks a free port, for tests). Nothing is served until
+    /// [`Application::run_until_stopped`].
+    pub async fn build(addr: SocketAddr, metrics_addr: SocketAddr, state: AppState) -> io::Result<Self> {
+        let api = TcpListener::bind(addr).await?;
+        let metrics = TcpListener::bind(metrics_addr).await?;
         Ok(Self {
-            listener,
-            router: router(state),
+            api,
+            metrics_router: metrics_router(state.metrics.clone()),
+            api_router: router(state),
+            metrics,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         // Unwrap: a bound TCP listener always has a local address.
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.api.local_addr().expect("bound listener has an address")
     }
 
     pub fn port(&self) -> u16 {
         self.local_addr().port()
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics.local_addr().expect("bound listener has an address")
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and lets
@@ -48,22 +56,26 @@ impl Application {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-        let signal = async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            // An error means the sender is gone, which also means stop.
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let api = axum::serve(self.api, self.api_router)
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future();
+        let metrics = axum::serve(self.metrics, self.metrics_router)
+            .with_graceful_shutdown(stopped(stop_rx))
+            .into_future();
+        let servers = async { tokio::try_join!(api, metrics).map(|_| ()) };
+        let deadline = async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections, finishing in-flight requests");
-            let _ = stopping_tx.send(());
-        };
-        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(signal);
-        let deadline = async move {
-            match stopping_rx.await {
-                Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
-                // The server ended on its own; nothing to time.
-                Err(_) => std::future::pending().await,
-            }
+            let _ = stop_tx.send(true);
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
         tokio::select! {
-            result = server => result,
+            result = servers => result,
             () = deadline => {
                 tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish in time; exiting");
                 Ok(())

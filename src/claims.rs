@@ -80,9 +80,7 @@ impl Claims {
             iat,
             nbf: iat,
             exp: iat + principal.lifetime().as_secs(),
-            jti: uuid::Builder::from_random_bytes(random)
-                .into_uuid()
-                .to_string(),
+            jti: uuid::Builder::from_random_bytes(random).into_uuid().to_string(),
             principal,
         }
     }
@@ -126,9 +124,6 @@ mod tests {
         assert_eq!(v["org"], "mlab");
         assert_eq!(v["exp"], 4_600);
         assert!(v.get("tier").is_none() && v.get("sub").is_none());
-        assert_ne!(
-            c.jti,
-            Claims::new(Principal::Autojoin { org: "m".into() }, now).jti
-        );
+        assert_ne!(c.jti, Claims::new(Principal::Autojoin { org: "m".into() }, now).jti);
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::signing::Algorithm;
+use crate::telemetry::LogFormat;
 
 /// Where the Go service, and so every deployment manifest, keeps the key.
 pub const DEFAULT_PRIVATE_KEY_PATH: &str = "/secrets/jwk-priv.json";
@@ -24,6 +25,13 @@ pub const DEFAULT_STORE: &str = "sqlite:token-exchange.db";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log format [default: json for serve, text for admin commands].
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `token_exchange=debug,info`
+    /// [default: RUST_LOG, else info for serve and warn for admin commands].
+    #[arg(long, global = true, env = "LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,11 +63,7 @@ pub struct StoreArgs {
     #[arg(long, env = "PLATFORM_NS", default_value = "platform-credentials")]
     pub platform_ns: String,
     /// Datastore namespace of client integrations and their keys.
-    #[arg(
-        long,
-        env = "CLIENT_INTEGRATION_NS",
-        default_value = "client-integration"
-    )]
+    #[arg(long, env = "CLIENT_INTEGRATION_NS", default_value = "client-integration")]
     pub client_integration_ns: String,
     /// Limit on each store call (e.g. `2s`, `500ms`). A read that fails or
     /// times out is retried once, then the request gets a 503.
@@ -98,6 +102,9 @@ pub struct ServeArgs {
     /// Port of the HTTP API.
     #[arg(long, env = "PORT", default_value_t = 8080)]
     pub port: u16,
+    /// Port of the Prometheus metrics listener (`/metrics`).
+    #[arg(long, env = "METRICS_PORT", default_value_t = 9990)]
+    pub metrics_port: u16,
     /// The private JWK that signs tokens [default: /secrets/jwk-priv.json].
     #[arg(long, env = "PRIVATE_KEY_PATH", value_name = "PATH")]
     pub private_key_path: Option<PathBuf>,
@@ -107,12 +114,7 @@ pub struct ServeArgs {
     #[arg(long, env = "DEV")]
     pub dev: bool,
     /// Where --dev keeps its signing key, database and demo keys.
-    #[arg(
-        long,
-        env = "DATA_DIR",
-        default_value = "token-exchange-dev",
-        value_name = "DIR"
-    )]
+    #[arg(long, env = "DATA_DIR", default_value = "token-exchange-dev", value_name = "DIR")]
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub store: StoreArgs,
@@ -122,12 +124,19 @@ impl ServeArgs {
     /// Production listens on every interface, as the Go service does; the
     /// development mode only on loopback, since its keys are not secret.
     pub fn listen_addr(&self) -> SocketAddr {
-        let ip = if self.dev {
+        SocketAddr::from((self.listen_ip(), self.port))
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.listen_ip(), self.metrics_port))
+    }
+
+    fn listen_ip(&self) -> Ipv4Addr {
+        if self.dev {
             Ipv4Addr::LOCALHOST
         } else {
             Ipv4Addr::UNSPECIFIED
-        };
-        SocketAddr::from((ip, self.port))
+        }
     }
 }
 
@@ -246,8 +255,7 @@ mod tests {
         if std::env::var_os("STORE").is_none() {
             assert_eq!(args.store.store_url(), DEFAULT_STORE);
         }
-        let cli =
-            Cli::try_parse_from(["token-exchange", "serve", "--port", "9000", "--dev"]).unwrap();
+        let cli = Cli::try_parse_from(["token-exchange", "serve", "--port", "9000", "--dev"]).unwrap();
         let Command::Serve(args) = cli.command else {
             panic!("not serve")
         };

@@ -16,6 +16,8 @@
 //! - [`http`]: the router, one file per endpoint, and the one place that maps
 //!   errors to status codes.
 //! - [`store`]: the store traits and their backends.
+//! - [`metrics`]: the Prometheus series (the Go service's, and ours).
+//! - [`telemetry`]: log format and level.
 //! - [`cli`]: the admin subcommands and `serve`.
 
 pub mod api_key;
@@ -24,6 +26,8 @@ pub mod claims;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod signing;
 pub mod store;
+pub mod telemetry;
 pub mod validate;

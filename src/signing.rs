@@ -59,10 +59,7 @@ impl Algorithm {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
     Invalid { path: PathBuf, source: JwkError },
 }
@@ -223,11 +220,7 @@ impl SigningKey {
     }
 
     fn from_members(m: &JwkMembers) -> Result<Self, JwkError> {
-        let kid = m
-            .kid
-            .clone()
-            .filter(|k| !k.is_empty())
-            .ok_or(JwkError::MissingKid)?;
+        let kid = m.kid.clone().filter(|k| !k.is_empty()).ok_or(JwkError::MissingKid)?;
         let alg = match m.alg.as_deref() {
             None | Some("") => return Err(JwkError::MissingAlg),
             Some("RS256") => Algorithm::Rs256,
@@ -285,8 +278,8 @@ impl SigningKey {
                     dQ: member(&m.dq, "dq")?,
                     qInv: member(&m.qi, "qi")?,
                 };
-                let pair = RsaKeyPair::from_components(&components)
-                    .map_err(|e| JwkError::InvalidKeyPair(e.description_()))?;
+                let pair =
+                    RsaKeyPair::from_components(&components).map_err(|e| JwkError::InvalidKeyPair(e.description_()))?;
                 KeyMaterial::Rsa(pair)
             }
             Algorithm::Es256 => {
@@ -388,12 +381,9 @@ impl SigningKey {
                 [m.n, m.e, m.d, m.p, m.q, m.dp, m.dq, m.qi] = ints.map(b64);
             }
             Algorithm::Es256 => {
-                let pair = EcdsaKeyPair::generate(&signature::ECDSA_P256_SHA256_FIXED_SIGNING)
-                    .map_err(|_| GenerateError)?;
-                let d = pair
-                    .private_key()
-                    .as_be_bytes()
-                    .map_err(|_| GenerateError)?;
+                let pair =
+                    EcdsaKeyPair::generate(&signature::ECDSA_P256_SHA256_FIXED_SIGNING).map_err(|_| GenerateError)?;
+                let d = pair.private_key().as_be_bytes().map_err(|_| GenerateError)?;
                 let point = pair.public_key().as_ref();
                 // Uncompressed SEC1 point: 0x04, then x and y (32 bytes each).
                 m.x = b64(&point[1..33]);
@@ -465,8 +455,7 @@ fn thumbprint(m: &JwkMembers) -> String {
     };
     // serde_json's map is a BTreeMap (no preserve_order feature), so keys
     // come out sorted and without whitespace.
-    let digest =
-        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.to_string().as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.to_string().as_bytes());
     URL_SAFE.encode(digest.as_ref())
 }
 
@@ -487,9 +476,7 @@ pub fn write_private_jwk(path: &Path, text: &str) -> std::io::Result<()> {
 
 fn member(value: &Option<String>, name: &'static str) -> Result<Vec<u8>, JwkError> {
     let text = value.as_deref().ok_or(JwkError::MissingMember(name))?;
-    URL_SAFE_NO_PAD
-        .decode(text)
-        .map_err(|_| JwkError::BadBase64(name))
+    URL_SAFE_NO_PAD.decode(text).map_err(|_| JwkError::BadBase64(name))
 }
 
 /// Values echoed in error messages are public members (`alg`, `kty`, ...),
@@ -517,9 +504,7 @@ mod der {
             }
             let (bytes, r) = rest.split_at(n);
             rest = r;
-            bytes
-                .iter()
-                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b))
+            bytes.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b))
         };
         if rest.len() < len {
             return None;
@@ -571,16 +556,9 @@ mod tests {
     fn generated_keys_round_trip_in_the_jose_util_layout() {
         for alg in [Algorithm::Rs256, Algorithm::Es256, Algorithm::EdDsa] {
             let (key, file) = generated(alg);
-            let members: Vec<&str> = file
-                .as_object()
-                .unwrap()
-                .keys()
-                .map(String::as_str)
-                .collect();
+            let members: Vec<&str> = file.as_object().unwrap().keys().map(String::as_str).collect();
             let want: &[&str] = match alg {
-                Algorithm::Rs256 => &[
-                    "alg", "d", "dp", "dq", "e", "kid", "kty", "n", "p", "q", "qi", "use",
-                ],
+                Algorithm::Rs256 => &["alg", "d", "dp", "dq", "e", "kid", "kty", "n", "p", "q", "qi", "use"],
                 Algorithm::Es256 => &["alg", "crv", "d", "kid", "kty", "use", "x", "y"],
                 Algorithm::EdDsa => &["alg", "crv", "d", "kid", "kty", "use", "x"],
             };
@@ -645,26 +623,16 @@ mod tests {
             x.as_object_mut().unwrap().remove(k);
             x
         };
-        let invalid =
-            |e: Result<SigningKey, JwkError>| matches!(e, Err(JwkError::InvalidKeyPair(_)));
+        let invalid = |e: Result<SigningKey, JwkError>| matches!(e, Err(JwkError::InvalidKeyPair(_)));
 
         assert!(matches!(
             SigningKey::from_jwk_json(b"not json"),
             Err(JwkError::NotJson(_))
         ));
-        assert!(matches!(
-            SigningKey::from_jwk_json(b"[1,2]"),
-            Err(JwkError::NotJson(_))
-        ));
-        assert!(matches!(
-            SigningKey::from_jwk_json(b""),
-            Err(JwkError::NotJson(_))
-        ));
+        assert!(matches!(SigningKey::from_jwk_json(b"[1,2]"), Err(JwkError::NotJson(_))));
+        assert!(matches!(SigningKey::from_jwk_json(b""), Err(JwkError::NotJson(_))));
         assert_eq!(load(&without(&ed, "kid")).err(), Some(JwkError::MissingKid));
-        assert_eq!(
-            load(&with(&ed, "kid", json!(""))).err(),
-            Some(JwkError::MissingKid)
-        );
+        assert_eq!(load(&with(&ed, "kid", json!(""))).err(), Some(JwkError::MissingKid));
         assert_eq!(load(&without(&ed, "alg")).err(), Some(JwkError::MissingAlg));
         assert_eq!(
             load(&with(&rsa, "alg", json!("HS256"))).err(),
@@ -688,10 +656,7 @@ mod tests {
             Err(JwkError::WrongCurve { .. })
         ));
         for (base, private) in [(&rsa, "d"), (&ec, "d"), (&ed, "d")] {
-            assert_eq!(
-                load(&without(base, private)).err(),
-                Some(JwkError::PublicOnly)
-            );
+            assert_eq!(load(&without(base, private)).err(), Some(JwkError::PublicOnly));
         }
         for m in ["n", "e", "p", "q", "dp", "dq", "qi"] {
             assert_eq!(
@@ -708,25 +673,14 @@ mod tests {
                 "{m}"
             );
         }
-        assert_eq!(
-            load(&without(&ec, "y")).err(),
-            Some(JwkError::MissingMember("y"))
-        );
-        assert_eq!(
-            load(&without(&ed, "x")).err(),
-            Some(JwkError::MissingMember("x"))
-        );
+        assert_eq!(load(&without(&ec, "y")).err(), Some(JwkError::MissingMember("y")));
+        assert_eq!(load(&without(&ed, "x")).err(), Some(JwkError::MissingMember("x")));
         assert_eq!(
             load(&with(&ed, "d", json!("!!!"))).err(),
             Some(JwkError::BadBase64("d"))
         );
         assert_eq!(
-            load(&with(
-                &ed,
-                "x",
-                json!(format!("{}=", ed["x"].as_str().unwrap()))
-            ))
-            .err(),
+            load(&with(&ed, "x", json!(format!("{}=", ed["x"].as_str().unwrap())))).err(),
             Some(JwkError::BadBase64("x"))
         );
         // Private and public parts from different keys.
@@ -744,8 +698,7 @@ mod tests {
             let token = key.sign(&json!({"hello": "world"})).unwrap();
             let parts: Vec<&str> = token.split('.').collect();
             assert_eq!(parts.len(), 3);
-            let header: Value =
-                serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
+            let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
             assert_eq!(header, json!({"alg": alg.as_str(), "kid": key.kid()}));
             let sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
             let message = format!("{}.{}", parts[0], parts[1]);
@@ -757,12 +710,8 @@ mod tests {
                         n: b(&public.n),
                         e: b(&public.e),
                     };
-                    pk.verify(
-                        &signature::RSA_PKCS1_2048_8192_SHA256,
-                        message.as_bytes(),
-                        &sig,
-                    )
-                    .unwrap();
+                    pk.verify(&signature::RSA_PKCS1_2048_8192_SHA256, message.as_bytes(), &sig)
+                        .unwrap();
                 }
                 Algorithm::Es256 => {
                     let mut point = vec![4u8];

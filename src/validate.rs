@@ -32,10 +32,7 @@ pub struct Validator {
 
 impl Validator {
     pub fn new(integration: Arc<dyn IntegrationKeys>, autojoin: Arc<dyn AutojoinKeys>) -> Self {
-        Self {
-            integration,
-            autojoin,
-        }
+        Self { integration, autojoin }
     }
 
     /// Checks a client-integration key: well formed, known, active, and its
@@ -84,12 +81,10 @@ impl Validator {
         let key: AutojoinApiKey = presented
             .parse()
             .map_err(|e: crate::api_key::AutojoinKeyError| Rejection::Invalid(e.to_string()))?;
-        let org = self.autojoin.autojoin_org(&key).await?.ok_or_else(|| {
-            Rejection::Invalid(format!(
-                "unknown autojoin key (fingerprint {})",
-                key.fingerprint()
-            ))
-        })?;
+        let org =
+            self.autojoin.autojoin_org(&key).await?.ok_or_else(|| {
+                Rejection::Invalid(format!("unknown autojoin key (fingerprint {})", key.fingerprint()))
+            })?;
         Ok(Principal::Autojoin { org })
     }
 }

@@ -59,21 +59,11 @@ fn verify(token: &str, jwks: &jsonwebtoken::jwk::JwkSet, alg: Algorithm, audienc
 fn raw_header(token: &str) -> Value {
     use base64::Engine as _;
     let part = token.split('.').next().unwrap();
-    serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(part)
-            .unwrap(),
-    )
-    .unwrap()
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
 }
 
 fn claim_names(claims: &Value) -> Vec<&str> {
-    let mut names: Vec<&str> = claims
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let mut names: Vec<&str> = claims.as_object().unwrap().keys().map(String::as_str).collect();
     names.sort_unstable();
     names
 }
@@ -99,36 +89,23 @@ async fn exchange_and_verify(backend: Backend, alg_name: &str, alg: Algorithm) {
     assert_eq!(claims["key_id"], key_id);
     assert_eq!(claims["tier"], 2);
     assert_eq!(claims["iat"], claims["nbf"]);
-    assert_eq!(
-        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
-        20
-    );
+    assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 20);
     assert_eq!(
         claim_names(&claims),
-        [
-            "aud", "exp", "iat", "int_id", "iss", "jti", "key_id", "nbf", "tier"
-        ]
+        ["aud", "exp", "iat", "int_id", "iss", "jti", "key_id", "nbf", "tier"]
     );
 
     let token = app.token("autojoin", &autojoin_key).await;
     let claims = verify(&token, &jwks, alg, "autojoin");
     assert_eq!(claims["aud"], json!("autojoin"));
     assert_eq!(claims["org"], "mlab-test");
-    assert_eq!(
-        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
-        3600
-    );
-    assert_eq!(
-        claim_names(&claims),
-        ["aud", "exp", "iat", "iss", "jti", "nbf", "org"]
-    );
+    assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 3600);
+    assert_eq!(claim_names(&claims), ["aud", "exp", "iat", "iss", "jti", "nbf", "org"]);
 
     // A token for one audience is refused by a verifier of the other.
     let mut validation = Validation::new(alg);
     validation.set_audience(&["integration"]);
-    let jwk = jwks
-        .find(&decode_header(&token).unwrap().kid.unwrap())
-        .unwrap();
+    let jwk = jwks.find(&decode_header(&token).unwrap().kid.unwrap()).unwrap();
     assert!(decode::<Value>(&token, &DecodingKey::from_jwk(jwk).unwrap(), &validation).is_err());
 
     // Keys of the wrong kind or with a changed secret get the 401.
@@ -188,13 +165,7 @@ async fn keys_written_by_other_programs(backend: Backend) {
         .integration_key("seeded", "ki_revoked", "secret-revoked", "revoked", Some(0))
         .await;
     let inactive = seed
-        .integration_key(
-            "seeded",
-            "ki_inactive",
-            "secret-inactive",
-            "inactive",
-            Some(0),
-        )
+        .integration_key("seeded", "ki_inactive", "secret-inactive", "inactive", Some(0))
         .await;
     let blank = seed
         .integration_key("seeded", "ki_blank", "secret-blank", "", Some(0))
@@ -222,33 +193,20 @@ async fn keys_written_by_other_programs(backend: Backend) {
         Algorithm::EdDSA,
         "integration",
     );
-    assert_eq!(
-        claims["tier"], 0,
-        "a key without a tier gets the default tier"
-    );
+    assert_eq!(claims["tier"], 0, "a key without a tier gets the default tier");
 
     for (what, key) in [
         ("revoked", revoked),
         ("inactive", inactive),
         ("empty status", blank),
         ("status in upper case", upper),
-        (
-            "wrong secret",
-            tier2.replace("secret-tier2", "secret-tier3"),
-        ),
+        ("wrong secret", tier2.replace("secret-tier2", "secret-tier3")),
         ("unknown key ID", tier2.replace("ki_tier2", "ki_nothere")),
-        (
-            "unknown integration",
-            tier2.replace("cii_seeded", "cii_nothere"),
-        ),
+        ("unknown integration", tier2.replace("cii_seeded", "cii_nothere")),
     ] {
         let response = app.exchange("integration", &key).await;
         assert_eq!(response.status(), 401, "{what}");
-        assert_eq!(
-            response.text().await.unwrap(),
-            "Invalid API key\n",
-            "{what}"
-        );
+        assert_eq!(response.text().await.unwrap(), "Invalid API key\n", "{what}");
     }
 }
 
@@ -269,20 +227,12 @@ async fn organizations_written_by_other_programs(backend: Backend) {
         ("legacy-org", "legacy-org-key-0123456789abcdefghijklmnopq"),
         ("current-org", "current-org-key-0123456789abcdefghijklmnop"),
     ] {
-        let claims = verify(
-            &app.token("autojoin", key).await,
-            &jwks,
-            Algorithm::RS256,
-            "autojoin",
-        );
+        let claims = verify(&app.token("autojoin", key).await, &jwks, Algorithm::RS256, "autojoin");
         assert_eq!(claims["org"], org);
     }
     // A key of the CLI's making for a seeded organization works too.
     let v = ws.admin_json(&["autojoin", "create-key", "--org", "legacy-org"]);
-    assert_eq!(
-        app.status("autojoin", v["api_key"].as_str().unwrap()).await,
-        200
-    );
+    assert_eq!(app.status("autojoin", v["api_key"].as_str().unwrap()).await, 200);
     assert_eq!(app.status("autojoin", "not-a-known-key").await, 401);
 }
 
@@ -301,10 +251,7 @@ async fn admin_refusals_change_nothing(backend: Backend) {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
-    assert!(
-        out.stdout.is_empty(),
-        "no key is printed when nothing was created"
-    );
+    assert!(out.stdout.is_empty(), "no key is printed when nothing was created");
 
     let out = ws.admin(&["autojoin", "create-key", "--org", "nobody"]);
     assert!(!out.status.success());
@@ -341,10 +288,7 @@ async fn jwks_over_the_wire(backend: Backend) {
     assert_eq!(response.status(), 200);
     let headers = response.headers().clone();
     assert_eq!(headers["content-type"], "application/json");
-    assert_eq!(
-        headers["cache-control"],
-        "public, max-age=3600, must-revalidate"
-    );
+    assert_eq!(headers["cache-control"], "public, max-age=3600, must-revalidate");
     assert_eq!(headers["access-control-allow-origin"], "*");
     let body: Value = response.json().await.unwrap();
     let private: Value = serde_json::from_slice(&std::fs::read(&ws.key_path).unwrap()).unwrap();
@@ -355,12 +299,7 @@ async fn jwks_over_the_wire(backend: Backend) {
     assert_eq!(key["use"], "sig");
     assert!(key.get("d").is_none() && key.get("p").is_none() && key.get("qi").is_none());
 
-    let health = app
-        .client
-        .get(format!("{}/health", app.base))
-        .send()
-        .await
-        .unwrap();
+    let health = app.client.get(format!("{}/health", app.base)).send().await.unwrap();
     assert_eq!(health.status(), 200);
     assert_eq!(health.text().await.unwrap(), "ok");
 }
@@ -371,7 +310,6 @@ async fn shutdown_lets_an_in_flight_request_finish() {
     use token_exchange::app::Application;
     use token_exchange::http::AppState;
     use token_exchange::signing::{KeySet, SigningKey};
-    use token_exchange::validate::Validator;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     let ws = Workspace::new("EdDSA");
@@ -379,11 +317,11 @@ async fn shutdown_lets_an_in_flight_request_finish() {
     let store = token_exchange::store::open(&ws.store_args).await.unwrap();
     let state = AppState::new(
         Arc::new(KeySet::new(SigningKey::load(&ws.key_path).unwrap())),
-        Validator::new(store.clone(), store),
+        store,
+        ws.store_args.store_timeout,
     );
-    let app = Application::build("127.0.0.1:0".parse().unwrap(), state)
-        .await
-        .unwrap();
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let app = Application::build(loopback, loopback, state).await.unwrap();
     let addr = app.local_addr();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {

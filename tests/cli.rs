@@ -3,76 +3,16 @@
 
 mod support;
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
+use support::process::{lines, listening_addr, signal, wait_exit, wait_for};
 use support::{Workspace, command, run_json, run_ok};
-
-/// Lines a child writes, delivered as they come.
-fn lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits (at most 20 s) for a line containing `needle`.
-fn wait_for(rx: &mpsc::Receiver<String>, needle: &str) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(_) => {}
-            Err(e) => panic!("no line with {needle:?}: {e}"),
-        }
-    }
-}
-
-/// The address in the server's "listening" log line.
-fn listening_addr(stderr: &mpsc::Receiver<String>) -> String {
-    let line = wait_for(stderr, "listening");
-    let addr = line
-        .split("addr=")
-        .nth(1)
-        .expect("addr in the listening line");
-    addr.split_whitespace().next().unwrap().to_owned()
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-/// Waits (at most 40 s, beyond the 30 s grace) for the child to exit.
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    for _ in 0..400 {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.kill().unwrap();
-    panic!("the server did not exit");
-}
 
 fn stderr_of(args: &[&str]) -> (bool, String) {
     let out = command().args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -89,10 +29,7 @@ fn keygen_writes_a_private_file_and_prints_the_public_key() {
         assert!(public.get("d").is_none());
         assert!(private.get("d").is_some());
         use std::os::unix::fs::PermissionsExt as _;
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
     let path = dir.path().join("custom.json");
     let out = run_ok(&[
@@ -159,10 +96,7 @@ fn integration_create_prints_one_json_object() {
         "acme",
     ]);
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        text.lines().any(|l| l.starts_with("mlabk.cii_acme.ki_")),
-        "{text}"
-    );
+    assert!(text.lines().any(|l| l.starts_with("mlabk.cii_acme.ki_")), "{text}");
 
     for (flag, value) in [
         ("--integration-id", "has.dot"),
@@ -241,11 +175,7 @@ fn serve_refuses_missing_or_broken_key_files() {
     };
     let cases = [
         ("missing.json", None, "No such file"),
-        (
-            "garbage.json",
-            Some("this is not json"),
-            "not a JSON object",
-        ),
+        ("garbage.json", Some("this is not json"), "not a JSON object"),
         ("public.json", Some(public_only.as_str()), "public key only"),
         ("nokid.json", Some(no_kid.as_str()), "kid"),
         (
@@ -284,6 +214,7 @@ async fn serve_reads_the_environment_and_exits_cleanly_on_sigterm() {
     let mut child = command()
         .arg("serve")
         .env("PORT", "0")
+        .env("METRICS_PORT", "0")
         .env("STORE", ws.store_url())
         .env("PRIVATE_KEY_PATH", &ws.key_path)
         .stdout(Stdio::null())
@@ -314,20 +245,14 @@ async fn serve_reads_the_environment_and_exits_cleanly_on_sigterm() {
     let status = wait_exit(&mut child);
     assert_eq!(status.code(), Some(0));
     // The port is released.
-    assert!(
-        client
-            .get(format!("http://{addr}/health"))
-            .send()
-            .await
-            .is_err()
-    );
+    assert!(client.get(format!("http://{addr}/health")).send().await.is_err());
 }
 
 #[tokio::test]
 async fn a_flag_beats_the_environment() {
     let ws = Workspace::new("EdDSA");
     let mut child = command()
-        .args(["serve", "--port", "0", "--store", ws.store_url()])
+        .args(["serve", "--port", "0", "--metrics-port", "0", "--store", ws.store_url()])
         .env("PORT", "1") // would fail: privileged port
         .env("STORE", "sqlite:/nonexistent-dir/x.db")
         .env("PRIVATE_KEY_PATH", &ws.key_path)
@@ -347,7 +272,7 @@ async fn serve_dev_needs_no_setup_and_prints_a_working_curl() {
     let dir = tempfile::tempdir().unwrap();
     let start = |dir: &std::path::Path| {
         command()
-            .args(["serve", "--dev", "--port", "0"])
+            .args(["serve", "--dev", "--port", "0", "--metrics-port", "0"])
             .current_dir(dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -370,10 +295,7 @@ async fn serve_dev_needs_no_setup_and_prints_a_working_curl() {
         );
         let curl = wait_for(&stdout, "/v0/token/integration -d");
         let body = curl.split("-d '").nth(1).unwrap().trim_end_matches('\'');
-        let url = curl
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap();
+        let url = curl.split_whitespace().find(|w| w.starts_with("http://")).unwrap();
         let response = reqwest::Client::new()
             .post(url)
             .body(body.to_owned())
@@ -383,10 +305,7 @@ async fn serve_dev_needs_no_setup_and_prints_a_working_curl() {
         assert_eq!(response.status(), 200, "round {round}");
         let auto = wait_for(&stdout, "/v0/token/autojoin -d");
         let body = auto.split("-d '").nth(1).unwrap().trim_end_matches('\'');
-        let url = auto
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap();
+        let url = auto.split_whitespace().find(|w| w.starts_with("http://")).unwrap();
         let response = reqwest::Client::new()
             .post(url)
             .body(body.to_owned())
@@ -414,7 +333,7 @@ async fn serve_survives_a_closed_log_pipe() {
     let ws = Workspace::new("EdDSA");
     let key = ws.integration_key("pipes", &[]);
     let mut child = command()
-        .args(["serve", "--port", "0", "--store", ws.store_url()])
+        .args(["serve", "--port", "0", "--metrics-port", "0", "--store", ws.store_url()])
         .args(["--private-key-path", ws.key_path.to_str().unwrap()])
         .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
@@ -443,11 +362,7 @@ async fn serve_survives_a_closed_log_pipe() {
         .await
         .unwrap();
     assert_eq!(good.status(), 200);
-    assert_eq!(
-        child.try_wait().unwrap(),
-        None,
-        "the server is still running"
-    );
+    assert_eq!(child.try_wait().unwrap(), None, "the server is still running");
     signal(&child, "TERM");
     assert_eq!(wait_exit(&mut child).code(), Some(0));
 }

@@ -31,9 +31,7 @@ fn property_types(entity: &Value) -> Vec<(String, String)> {
 }
 
 fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-    list.iter()
-        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-        .collect()
+    list.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
 }
 
 #[tokio::test]
@@ -65,23 +63,14 @@ async fn the_cli_writes_exactly_the_shared_layout() {
         .expect("IntegrationMeta written");
     assert_eq!(
         property_types(&meta),
-        pairs(&[
-            ("created_at", "timestampValue"),
-            ("description", "stringValue")
-        ])
+        pairs(&[("created_at", "timestampValue"), ("description", "stringValue")])
     );
-    assert_eq!(
-        meta["properties"]["description"]["stringValue"],
-        "An integration"
-    );
+    assert_eq!(meta["properties"]["description"]["stringValue"], "An integration");
 
     let key = seed
         .datastore_lookup(
             false,
-            &[
-                ("IntegrationMeta", "layout"),
-                ("IntegrationAPIKey", "ki_layout"),
-            ],
+            &[("IntegrationMeta", "layout"), ("IntegrationAPIKey", "ki_layout")],
         )
         .await
         .expect("IntegrationAPIKey written");
@@ -125,19 +114,13 @@ async fn the_cli_writes_exactly_the_shared_layout() {
             ("probability_multiplier", "doubleValue"),
         ])
     );
-    assert_eq!(
-        org["properties"]["probability_multiplier"]["doubleValue"],
-        1.0
-    );
+    assert_eq!(org["properties"]["probability_multiplier"]["doubleValue"], 1.0);
     assert_eq!(org["properties"]["name"]["stringValue"], "layout-org");
 
     let autojoin = ws.admin_json(&["autojoin", "create-key", "--org", "layout-org"]);
     let plaintext = autojoin["api_key"].as_str().unwrap();
     let entity = seed
-        .datastore_lookup(
-            true,
-            &[("Organization", "layout-org"), ("APIKey", plaintext)],
-        )
+        .datastore_lookup(true, &[("Organization", "layout-org"), ("APIKey", plaintext)])
         .await
         .expect("APIKey written under its organization, named by the key");
     assert_eq!(
@@ -146,11 +129,7 @@ async fn the_cli_writes_exactly_the_shared_layout() {
     );
     assert_eq!(entity["properties"]["key"]["stringValue"], plaintext);
     // The key property is indexed: the autojoin query depends on it.
-    assert!(
-        entity["properties"]["key"]
-            .get("excludeFromIndexes")
-            .is_none()
-    );
+    assert!(entity["properties"]["key"].get("excludeFromIndexes").is_none());
 }
 
 #[tokio::test]
@@ -202,18 +181,8 @@ async fn an_unreachable_datastore_is_503_with_retry_after() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let addr = {
-        use std::io::BufRead as _;
-        let mut addr = None;
-        for line in stderr.lines().map_while(Result::ok).take(50) {
-            if let Some(rest) = line.split("addr=").nth(1) {
-                addr = Some(rest.split_whitespace().next().unwrap().to_owned());
-                break;
-            }
-        }
-        addr.expect("the server starts without reaching Datastore")
-    };
+    let stderr = support::process::lines(child.stderr.take().unwrap());
+    let addr = support::process::listening_addr(&stderr);
     let client = reqwest::Client::new();
     for (route, body) in [
         ("integration", format!(r#"{{"api_key":"{key}"}}"#)),
@@ -229,11 +198,7 @@ async fn an_unreachable_datastore_is_503_with_retry_after() {
         assert_eq!(response.status(), 503, "{route}");
         assert_eq!(response.headers()["retry-after"], "1");
         // Two attempts of at most 500 ms each, and a short pause.
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
     }
     // Malformed keys are still refused without the store.
     let response = client
@@ -280,10 +245,7 @@ async fn an_emulator_outage_is_503_and_recovery_needs_no_restart() {
     let response = app.exchange("integration", &key).await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
-    assert_eq!(
-        response.text().await.unwrap(),
-        "Service unavailable, retry later\n"
-    );
+    assert_eq!(response.text().await.unwrap(), "Service unavailable, retry later\n");
 
     // Same port, fresh (empty) emulator: the key must be written again.
     let _emulator = Emulator::start(port).await;

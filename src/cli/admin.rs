@@ -109,9 +109,7 @@ pub(super) async fn autojoin_create_org(args: &CreateOrgArgs) -> anyhow::Result<
 /// Creates an autojoin key for an existing organization.
 pub async fn create_autojoin_key(store: &dyn Store, org: &str) -> anyhow::Result<AutojoinApiKey> {
     let key = AutojoinApiKey::generate();
-    store
-        .create_autojoin_key(org, &key, OffsetDateTime::now_utc())
-        .await?;
+    store.create_autojoin_key(org, &key, OffsetDateTime::now_utc()).await?;
     Ok(key)
 }
 
@@ -119,10 +117,7 @@ pub(super) async fn autojoin_create_key(args: &CreateKeyArgs) -> anyhow::Result<
     let store = open(&args.store).await?;
     let key = create_autojoin_key(store.as_ref(), &args.org).await?;
     if args.json {
-        println!(
-            "{}",
-            json!({ "org": args.org, "api_key": key.secret().expose() })
-        );
+        println!("{}", json!({ "org": args.org, "api_key": key.secret().expose() }));
     } else {
         println!(
             "Created a key (fingerprint {}) for organization {}.",

@@ -10,8 +10,7 @@ pub(super) fn run(args: &KeygenArgs) -> anyhow::Result<()> {
         anyhow::bail!("--kid must not be empty");
     }
     let (key, private_text) = SigningKey::generate(args.alg, args.kid.clone())?;
-    write_private_jwk(&args.out, &private_text)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    write_private_jwk(&args.out, &private_text).with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("{}", serde_json::to_string(key.public_jwk())?);
     eprintln!(
         "wrote the private {} key {} to {} (mode 0600)",

@@ -12,14 +12,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Keygen(args) => keygen::run(&args),
-        Command::Integration(IntegrationCommand::Create(args)) => {
-            admin::integration_create(&args).await
-        }
-        Command::Autojoin(AutojoinCommand::CreateOrg(args)) => {
-            admin::autojoin_create_org(&args).await
-        }
-        Command::Autojoin(AutojoinCommand::CreateKey(args)) => {
-            admin::autojoin_create_key(&args).await
-        }
+        Command::Integration(IntegrationCommand::Create(args)) => admin::integration_create(&args).await,
+        Command::Autojoin(AutojoinCommand::CreateOrg(args)) => admin::autojoin_create_org(&args).await,
+        Command::Autojoin(AutojoinCommand::CreateKey(args)) => admin::autojoin_create_key(&args).await,
     }
 }

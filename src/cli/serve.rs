@@ -10,7 +10,6 @@ use crate::config::{DEFAULT_PRIVATE_KEY_PATH, ServeArgs};
 use crate::http::AppState;
 use crate::signing::{Algorithm, KeySet, SigningKey, write_private_jwk};
 use crate::store::{self, Store};
-use crate::validate::Validator;
 
 pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let key = if args.dev {
@@ -22,11 +21,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PRIVATE_KEY_PATH));
         SigningKey::load(&path)?
     };
-    tracing::info!(
-        alg = key.alg().as_str(),
-        kid = key.kid(),
-        "signing key loaded"
-    );
+    tracing::info!(alg = key.alg().as_str(), kid = key.kid(), "signing key loaded");
 
     let mut store_args = args.store.clone();
     if args.dev && store_args.store.is_none() {
@@ -42,12 +37,11 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None
     };
 
-    let validator = Validator::new(store.clone(), store.clone());
-    let state = AppState::new(Arc::new(KeySet::new(key)), validator);
-    let app = Application::build(args.listen_addr(), state)
+    let state = AppState::new(Arc::new(KeySet::new(key)), store, args.store.store_timeout);
+    let app = Application::build(args.listen_addr(), args.metrics_addr(), state)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen_addr()))?;
-    tracing::info!(addr = %app.local_addr(), "listening");
+        .with_context(|| format!("cannot listen on {} and {}", args.listen_addr(), args.metrics_addr()))?;
+    tracing::info!(addr = %app.local_addr(), metrics_addr = %app.metrics_addr(), "listening");
     if let Some(demo) = demo {
         print_dev_instructions(app.port(), &demo);
     }
@@ -66,8 +60,7 @@ fn dev_signing_key(args: &ServeArgs) -> anyhow::Result<SigningKey> {
     if path.exists() {
         return Ok(SigningKey::load(&path)?);
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let (key, text) = SigningKey::generate(Algorithm::Rs256, None)?;
     write_private_jwk(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
     tracing::warn!(
@@ -98,10 +91,7 @@ async fn dev_demo_keys(store: &dyn Store, data_dir: &Path) -> anyhow::Result<Dem
             "demo key created by serve --dev",
         )
         .await?;
-        write_private_file(
-            &data_dir.join(DEMO_INTEGRATION_FILE),
-            key.to_secret_string().expose(),
-        )?;
+        write_private_file(&data_dir.join(DEMO_INTEGRATION_FILE), key.to_secret_string().expose())?;
         match store
             .create_org("demo", "demo@example.org", time::OffsetDateTime::now_utc())
             .await
@@ -110,10 +100,7 @@ async fn dev_demo_keys(store: &dyn Store, data_dir: &Path) -> anyhow::Result<Dem
             Err(e) => return Err(e.into()),
         }
         let org_key = super::admin::create_autojoin_key(store, "demo").await?;
-        write_private_file(
-            &data_dir.join(DEMO_AUTOJOIN_FILE),
-            org_key.secret().expose(),
-        )?;
+        write_private_file(&data_dir.join(DEMO_AUTOJOIN_FILE), org_key.secret().expose())?;
         tracing::info!("created the demo integration and organization \"demo\"");
     }
     let read = |name: &str| {
@@ -141,15 +128,11 @@ fn print_dev_instructions(port: u16, demo: &DemoKeys) {
     match &demo.integration {
         Some(key) => {
             println!("Exchange the demo integration key for a token (lives 20 s):");
-            println!(
-                "  curl -s -X POST {base}/v0/token/integration -d '{{\"api_key\":\"{key}\"}}'"
-            );
+            println!("  curl -s -X POST {base}/v0/token/integration -d '{{\"api_key\":\"{key}\"}}'");
         }
         None => {
             println!("Create an integration key, then POST it to {base}/v0/token/integration:");
-            println!(
-                "  token-exchange integration create --store <the same --store> --integration-id demo"
-            );
+            println!("  token-exchange integration create --store <the same --store> --integration-id demo");
         }
     }
     if let Some(key) = &demo.autojoin {

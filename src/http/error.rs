@@ -2,11 +2,13 @@
 //!
 //! Bodies are the Go service's, byte for byte: short plain text with a
 //! trailing newline (what Go's `http.Error` writes). No detail of a failure
-//! reaches the body; the detail goes to the log, once, here.
+//! reaches the body; the detail rides along in the response's extensions
+//! to the access log line, so it is logged once, with the request.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use super::FailureDetail;
 use crate::validate::Rejection;
 
 /// Seconds a caller should wait before retrying after a store failure.
@@ -47,35 +49,16 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "Method not allowed\n"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "404 page not found\n"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Invalid request body\n"),
-            ApiError::PayloadTooLarge => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n")
-            }
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n"),
             ApiError::InvalidKey(_) => (StatusCode::UNAUTHORIZED, "Invalid API key\n"),
-            ApiError::Unavailable(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Service unavailable, retry later\n",
-            ),
-            ApiError::Signing(_) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Failed to generate token\n",
-            ),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "Service unavailable, retry later\n"),
+            ApiError::Signing(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Failed to generate token\n"),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        match &self {
-            // Expected in normal operation; details help debugging only.
-            ApiError::MethodNotAllowed | ApiError::NotFound | ApiError::PayloadTooLarge => {}
-            ApiError::BadRequest(_) | ApiError::InvalidKey(_) => {
-                tracing::debug!(error = %self, "request refused")
-            }
-            ApiError::Unavailable(_) => {
-                tracing::warn!(error = %self, "store unavailable; answered 503")
-            }
-            ApiError::Signing(_) => tracing::error!(error = %self, "token signing failed"),
-        }
         let (status, body) = self.status_and_body();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
@@ -83,13 +66,12 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        headers.insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        );
+        headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
         if matches!(self, ApiError::Unavailable(_)) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
+        // The access log (one line per request) carries the detail.
+        response.extensions_mut().insert(FailureDetail(self.to_string()));
         response
     }
 }

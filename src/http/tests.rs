@@ -19,7 +19,7 @@ use tower::ServiceExt as _;
 use super::*;
 use crate::api_key::{AutojoinApiKey, IntegrationApiKey};
 use crate::signing::{Algorithm, SigningKey};
-use crate::store::{AutojoinKeys, IntegrationKeyRecord, IntegrationKeys, StoreError};
+use crate::store::{AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys, StoreError};
 
 /// In-memory keys, with a switch that makes every lookup fail.
 #[derive(Default)]
@@ -28,23 +28,17 @@ struct FakeStore {
     autojoin: HashMap<String, String>,
     down: AtomicBool,
     lookups: AtomicUsize,
+    pings: AtomicUsize,
 }
 
 #[async_trait]
 impl IntegrationKeys for FakeStore {
-    async fn integration_key(
-        &self,
-        int: &str,
-        key: &str,
-    ) -> Result<Option<IntegrationKeyRecord>, StoreError> {
+    async fn integration_key(&self, int: &str, key: &str) -> Result<Option<IntegrationKeyRecord>, StoreError> {
         self.lookups.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("connection refused".into()));
         }
-        Ok(self
-            .integration
-            .get(&(int.to_owned(), key.to_owned()))
-            .cloned())
+        Ok(self.integration.get(&(int.to_owned(), key.to_owned())).cloned())
     }
 }
 
@@ -56,6 +50,21 @@ impl AutojoinKeys for FakeStore {
             return Err(StoreError::Unavailable("timeout".into()));
         }
         Ok(self.autojoin.get(key.secret().expose()).cloned())
+    }
+}
+
+#[async_trait]
+impl Backend for FakeStore {
+    fn backend(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.pings.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        Ok(())
     }
 }
 
@@ -91,10 +100,7 @@ fn fixture(alg: Algorithm) -> Fixture {
     store.autojoin.insert(autojoin.clone(), "mlab-org".into());
     let store = Arc::new(store);
     let (key, _) = SigningKey::generate(alg, None).unwrap();
-    let mut state = AppState::new(
-        Arc::new(KeySet::new(key)),
-        Validator::new(store.clone(), store.clone()),
-    );
+    let mut state = AppState::new(Arc::new(KeySet::new(key)), store.clone(), Duration::from_secs(1));
     state.clock = Arc::new(|| UNIX_EPOCH + Duration::from_millis(NOW * 1000 + 999));
     Fixture {
         store,
@@ -122,36 +128,16 @@ impl Answer {
 }
 
 async fn call(state: &AppState, method: Method, path: &str, body: impl Into<Body>) -> Answer {
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .body(body.into())
-        .unwrap();
+    let request = Request::builder().method(method).uri(path).body(body.into()).unwrap();
     let response = router(state.clone()).oneshot(request).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    Answer {
-        status,
-        headers,
-        body,
-    }
+    let body = response.into_body().collect().await.unwrap().to_bytes().to_vec();
+    Answer { status, headers, body }
 }
 
 async fn exchange(state: &AppState, path: &str, key: &str) -> Answer {
-    call(
-        state,
-        Method::POST,
-        path,
-        json!({ "api_key": key }).to_string(),
-    )
-    .await
+    call(state, Method::POST, path, json!({ "api_key": key }).to_string()).await
 }
 
 fn decode_part(part: &str) -> Value {
@@ -174,22 +160,15 @@ fn token_parts(answer: &Answer) -> (Value, Value) {
 fn assert_refused(answer: &Answer, status: StatusCode, body: &str) {
     assert_eq!(answer.status, status, "{}", answer.text());
     assert_eq!(answer.text(), body);
-    assert_eq!(
-        answer.header("content-type"),
-        Some("text/plain; charset=utf-8")
-    );
+    assert_eq!(answer.header("content-type"), Some("text/plain; charset=utf-8"));
 }
 
 #[tokio::test]
 async fn integration_token_has_the_exact_header_and_claims() {
     for alg in [Algorithm::Rs256, Algorithm::Es256, Algorithm::EdDsa] {
         let f = fixture(alg);
-        let (header, claims) =
-            token_parts(&exchange(&f.state, "/v0/token/integration", &f.active).await);
-        assert_eq!(
-            header,
-            json!({"alg": alg.as_str(), "kid": f.state.keys.active().kid()})
-        );
+        let (header, claims) = token_parts(&exchange(&f.state, "/v0/token/integration", &f.active).await);
+        assert_eq!(header, json!({"alg": alg.as_str(), "kid": f.state.keys.active().kid()}));
         let key_id = f.active.split('.').nth(2).unwrap();
         let mut claims = claims.as_object().unwrap().clone();
         let jti = claims.remove("jti").unwrap();
@@ -214,8 +193,7 @@ async fn integration_tier_comes_from_the_key() {
 #[tokio::test]
 async fn autojoin_token_has_the_exact_claims() {
     let f = fixture(Algorithm::Rs256);
-    let (header, claims) =
-        token_parts(&exchange(&f.state, "/v0/token/autojoin", &f.autojoin).await);
+    let (header, claims) = token_parts(&exchange(&f.state, "/v0/token/autojoin", &f.autojoin).await);
     assert_eq!(header["alg"], "RS256");
     assert!(header.get("typ").is_none());
     let mut claims = claims.as_object().unwrap().clone();
@@ -238,10 +216,7 @@ async fn every_bad_key_gets_the_same_401() {
         ("malformed", "not-a-key".to_owned()),
         ("empty", String::new()),
         ("unknown key ID", unknown_key_id.expose().to_owned()),
-        (
-            "unknown integration",
-            f.active.replacen("cii_acme", "cii_other", 1),
-        ),
+        ("unknown integration", f.active.replacen("cii_acme", "cii_other", 1)),
         ("revoked", f.revoked.clone()),
         ("wrong secret", wrong_secret),
         ("autojoin key on the integration route", f.autojoin.clone()),
@@ -270,14 +245,7 @@ async fn malformed_keys_never_reach_the_store() {
 #[tokio::test]
 async fn bad_bodies_are_400() {
     let f = fixture(Algorithm::EdDsa);
-    for body in [
-        "",
-        "{",
-        "[]",
-        r#"{"api_key":123}"#,
-        r#"{"api_key":["k"]}"#,
-        "\"key\"",
-    ] {
+    for body in ["", "{", "[]", r#"{"api_key":123}"#, r#"{"api_key":["k"]}"#, "\"key\""] {
         for path in ["/v0/token/integration", "/v0/token/autojoin"] {
             let answer = call(&f.state, Method::POST, path, body).await;
             assert_refused(&answer, StatusCode::BAD_REQUEST, "Invalid request body\n");
@@ -306,17 +274,9 @@ async fn content_type_is_not_required() {
 #[tokio::test]
 async fn oversized_bodies_are_413() {
     let f = fixture(Algorithm::EdDsa);
-    let padded = format!(
-        r#"{{"api_key":"{}","pad":"{}"}}"#,
-        f.active,
-        " ".repeat(MAX_BODY_BYTES)
-    );
+    let padded = format!(r#"{{"api_key":"{}","pad":"{}"}}"#, f.active, " ".repeat(MAX_BODY_BYTES));
     let answer = call(&f.state, Method::POST, "/v0/token/integration", padded).await;
-    assert_refused(
-        &answer,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "Request body too large\n",
-    );
+    assert_refused(&answer, StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n");
     // Just under the limit is read.
     let body = json!({ "api_key": f.active }).to_string();
     let fitting = format!("{body}{}", " ".repeat(MAX_BODY_BYTES - body.len()));
@@ -336,11 +296,7 @@ async fn wrong_methods_are_405() {
         (Method::DELETE, "/.well-known/jwks.json"),
     ] {
         let answer = call(&f.state, method.clone(), path, "").await;
-        assert_refused(
-            &answer,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "Method not allowed\n",
-        );
+        assert_refused(&answer, StatusCode::METHOD_NOT_ALLOWED, "Method not allowed\n");
         assert!(answer.header("allow").is_some(), "{method} {path}");
     }
 }
@@ -366,9 +322,7 @@ async fn store_failure_is_503_with_retry_after_never_401() {
     }
     f.store.down.store(false, Ordering::SeqCst);
     assert_eq!(
-        exchange(&f.state, "/v0/token/integration", &f.active)
-            .await
-            .status,
+        exchange(&f.state, "/v0/token/integration", &f.active).await.status,
         StatusCode::OK
     );
 }
@@ -408,10 +362,7 @@ async fn health_answers_ok() {
     }
     // Liveness does not depend on the store.
     f.store.down.store(true, Ordering::SeqCst);
-    assert_eq!(
-        call(&f.state, Method::GET, "/health", "").await.status,
-        StatusCode::OK
-    );
+    assert_eq!(call(&f.state, Method::GET, "/health", "").await.status, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -421,4 +372,202 @@ async fn signing_failure_is_500() {
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"Failed to generate token\n");
+}
+
+/// The value of one series in the text format, or 0 if absent.
+fn series(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+#[tokio::test]
+async fn metrics_count_exactly() {
+    let f = fixture(Algorithm::EdDsa);
+    let mut wrong_secret = f.active.clone();
+    wrong_secret.push('x');
+    for _ in 0..3 {
+        assert_eq!(
+            exchange(&f.state, "/v0/token/integration", &f.active).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        exchange(&f.state, "/v0/token/integration", &wrong_secret).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        exchange(&f.state, "/v0/token/integration", "malformed").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        exchange(&f.state, "/v0/token/integration", &f.tiered).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        exchange(&f.state, "/v0/token/autojoin", &f.autojoin).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        exchange(&f.state, "/v0/token/autojoin", "unknown").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&f.state, Method::GET, "/v0/token/integration", "").await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    for _ in 0..2 {
+        call(&f.state, Method::GET, "/.well-known/jwks.json", "").await;
+    }
+    call(&f.state, Method::GET, "/health", "").await;
+    f.store.down.store(true, Ordering::SeqCst);
+    let down = exchange(&f.state, "/v0/token/integration", &f.active).await;
+    assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    let text = f.state.metrics.render();
+    let m = |s: &str| series(&text, s);
+    assert_eq!(
+        m(r#"tokenexchange_integration_requests_total{code="200",method="post"}"#),
+        4.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_integration_requests_total{code="401",method="post"}"#),
+        2.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_integration_requests_total{code="405",method="get"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_integration_requests_total{code="503",method="post"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_autojoin_requests_total{code="200",method="post"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_autojoin_requests_total{code="401",method="post"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_integration_request_duration_seconds_count{code="200",method="post"}"#),
+        4.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_integration_request_duration_seconds_bucket{code="401",method="post",le="+Inf"}"#),
+        2.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_autojoin_request_duration_seconds_count{code="200",method="post"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_tokens_issued_total{audience="integration",tier="0"}"#),
+        3.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_tokens_issued_total{audience="integration",tier="7"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_tokens_issued_total{audience="autojoin",tier=""}"#),
+        1.0
+    );
+    assert_eq!(m(r#"tokenexchange_integration_tokens_total{int_id="acme"}"#), 3.0);
+    assert_eq!(m(r#"tokenexchange_integration_tokens_total{int_id="bigco"}"#), 1.0);
+    // The malformed key never reached the store; the wrong secret did.
+    assert_eq!(
+        m(r#"tokenexchange_store_lookups_total{backend="fake",kind="integration",result="found"}"#),
+        5.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_store_lookups_total{backend="fake",kind="integration",result="not_found"}"#),
+        0.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_store_lookups_total{backend="fake",kind="integration",result="error"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_store_lookups_total{backend="fake",kind="autojoin",result="found"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_store_lookups_total{backend="fake",kind="autojoin",result="not_found"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_store_lookup_duration_seconds_count{backend="fake",kind="integration"}"#),
+        6.0
+    );
+    assert_eq!(m(r#"tokenexchange_signing_duration_seconds_count{alg="EdDSA"}"#), 5.0);
+    assert_eq!(m("tokenexchange_jwks_requests_total"), 2.0);
+    assert_eq!(f.store.lookups.load(Ordering::SeqCst), 8);
+}
+
+#[tokio::test]
+async fn ready_follows_the_store() {
+    let f = fixture(Algorithm::EdDsa);
+    let windows = ReadinessWindows {
+        freshness: Duration::from_millis(200),
+        // Long enough that 20 quick calls fall within one interval.
+        probe_interval: Duration::from_millis(400),
+    };
+    let state = AppState::with_readiness(
+        f.state.keys.clone(),
+        f.store.clone(),
+        Duration::from_millis(100),
+        windows,
+    );
+    let ready = call(&state, Method::GET, "/ready", "").await;
+    assert_eq!((ready.status, ready.text()), (StatusCode::OK, "ready\n"));
+    assert_eq!(f.store.pings.load(Ordering::SeqCst), 1);
+    // A storm of readiness checks makes no further probe while fresh.
+    for _ in 0..20 {
+        assert_eq!(call(&state, Method::GET, "/ready", "").await.status, StatusCode::OK);
+    }
+    assert_eq!(f.store.pings.load(Ordering::SeqCst), 1);
+    // Answers on the request path count as fresh answers too.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        exchange(&state, "/v0/token/integration", &f.active).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(call(&state, Method::GET, "/ready", "").await.status, StatusCode::OK);
+    assert_eq!(f.store.pings.load(Ordering::SeqCst), 1);
+
+    f.store.down.store(true, Ordering::SeqCst);
+    // Still ready while the last answer is fresh...
+    assert_eq!(call(&state, Method::GET, "/ready", "").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // ...then not, and failed probes are rate-limited too.
+    let pings = f.store.pings.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(
+            call(&state, Method::GET, "/ready", "").await.status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+    assert_eq!(f.store.pings.load(Ordering::SeqCst), pings + 1);
+    f.store.down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(call(&state, Method::GET, "/ready", "").await.status, StatusCode::OK);
+    // Liveness never depended on it.
+    assert_eq!(call(&state, Method::GET, "/health", "").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn request_ids_are_returned() {
+    let f = fixture(Algorithm::EdDsa);
+    let answer = call(&f.state, Method::GET, "/health", "").await;
+    assert_eq!(answer.header("x-request-id").unwrap().len(), 36);
+    let request = Request::builder()
+        .uri("/nowhere")
+        .header("x-request-id", "trace-42")
+        .body(Body::empty())
+        .unwrap();
+    let response = router(f.state.clone()).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(response.headers()["x-request-id"], "trace-42");
 }

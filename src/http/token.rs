@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -11,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Issued};
 use crate::claims::{Claims, Principal};
 
 /// The request body. Deserialised by hand because serde's derive would also
@@ -93,17 +94,22 @@ fn read_key(body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
 }
 
 fn issue(state: &AppState, principal: Principal) -> Result<Response, ApiError> {
-    let claims = Claims::new(principal, (state.clock)());
-    let token = state
-        .keys
-        .active()
-        .sign(&claims)
-        .map_err(|e| ApiError::Signing(e.to_string()))?;
+    let claims = Claims::new(principal.clone(), (state.clock)());
+    let key = state.keys.active();
+    let started = Instant::now();
+    let token = key.sign(&claims).map_err(|e| ApiError::Signing(e.to_string()))?;
+    state
+        .metrics
+        .signing_duration
+        .with_label_values(&[key.alg().as_str()])
+        .observe(started.elapsed().as_secs_f64());
     // Go's json.Encoder ends the document with a newline; keep it.
-    let mut body = serde_json::to_vec(&serde_json::json!({ "token": token }))
-        .map_err(|e| ApiError::Signing(e.to_string()))?;
+    let mut body =
+        serde_json::to_vec(&serde_json::json!({ "token": token })).map_err(|e| ApiError::Signing(e.to_string()))?;
     body.push(b'\n');
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    let mut response = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    response.extensions_mut().insert(Issued(principal));
+    Ok(response)
 }
 
 pub(super) async fn integration(
@@ -157,9 +163,7 @@ mod tests {
     fn decode_errors_do_not_echo_the_key() {
         let secret = "mlabk.cii_a.ki_b.SECRETSECRET";
         let body = format!(r#"{{"api_key":"{secret}","api_key":"{secret}"}}"#);
-        let err = decode_token_request(body.as_bytes())
-            .unwrap_err()
-            .to_string();
+        let err = decode_token_request(body.as_bytes()).unwrap_err().to_string();
         assert!(!err.contains("SECRETSECRET"), "{err}");
     }
 }

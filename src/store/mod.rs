@@ -7,6 +7,7 @@
 //! three; [`open`] picks one from the `--store` setting.
 
 pub mod datastore;
+mod instrumented;
 mod sqlite;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::api_key::AutojoinApiKey;
 use crate::config::StoreArgs;
 
 pub use datastore::{DatastoreConfig, DatastoreStore};
+pub use instrumented::Instrumented;
 pub use sqlite::SqliteStore;
 
 /// What the store knows about one integration key. The secret itself is
@@ -101,25 +103,30 @@ pub trait Admin: Send + Sync {
     async fn is_empty(&self) -> Result<bool, StoreError>;
 
     /// Creates an autojoin organization; `AlreadyExists` if it does.
-    async fn create_org(
-        &self,
-        name: &str,
-        email: &str,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError>;
+    async fn create_org(&self, name: &str, email: &str, now: OffsetDateTime) -> Result<(), StoreError>;
 
     /// Adds a key to an existing organization; `NotFound` if there is none.
-    async fn create_autojoin_key(
-        &self,
-        org: &str,
-        key: &AutojoinApiKey,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError>;
+    async fn create_autojoin_key(&self, org: &str, key: &AutojoinApiKey, now: OffsetDateTime)
+    -> Result<(), StoreError>;
 }
 
+/// What a backend says about itself, for metrics and readiness.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// The `backend` label of the store metrics.
+    fn backend(&self) -> &'static str;
+
+    /// A cheap read that succeeds only if the store answers now.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The part of a store the request path uses.
+pub trait Lookups: IntegrationKeys + AutojoinKeys + Backend {}
+impl<T: IntegrationKeys + AutojoinKeys + Backend + ?Sized> Lookups for T {}
+
 /// Everything a backend provides.
-pub trait Store: IntegrationKeys + AutojoinKeys + Admin {}
-impl<T: IntegrationKeys + AutojoinKeys + Admin> Store for T {}
+pub trait Store: Lookups + Admin {}
+impl<T: Lookups + Admin + ?Sized> Store for T {}
 
 /// Opens the store named by `--store`: `sqlite:PATH` (the file is created
 /// on first use) or `datastore`.
@@ -132,9 +139,8 @@ pub async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, StoreError> {
                 "--store sqlite: needs a file path, e.g. sqlite:token-exchange.db".into(),
             ));
         }
-        return Ok(Arc::new(
-            SqliteStore::open(std::path::Path::new(path)).await?,
-        ));
+        let path = std::path::Path::new(path);
+        return Ok(Arc::new(SqliteStore::open(path, args.store_timeout).await?));
     }
     if store == "datastore" {
         return Ok(Arc::new(DatastoreStore::new(&DatastoreConfig {

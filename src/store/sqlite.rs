@@ -10,27 +10,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row as _, SqlSafeStr as _};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{
-    Admin, AutojoinKeys, IntegrationKeyRecord, IntegrationKeys, NewIntegrationKey, StoreError,
-};
+use super::{Admin, AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys, NewIntegrationKey, StoreError};
 use crate::api_key::AutojoinApiKey;
 
-/// How long a writer waits for another writer (the CLI and the server can
-/// share the file) before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections in the pool. SQLite serialises writers anyway; a few readers
 /// in parallel are all WAL mode can use on two cores.
 const MAX_CONNECTIONS: u32 = 4;
-/// Waiting longer than this for a pooled connection means the store is
-/// overloaded; the request gets a 503 rather than hanging.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -48,28 +38,29 @@ fn migrator() -> Migrator {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and brings its schema
-    /// up to date.
-    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+    /// up to date. `timeout` (`--store-timeout`) bounds both the wait for a
+    /// lock held by another process (the CLI and the server share the file)
+    /// and the wait for a pooled connection: past it, a request gets a 503
+    /// rather than hanging.
+    pub async fn open(path: &Path, timeout: Duration) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str("sqlite:")
             .map_err(backend)?
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(BUSY_TIMEOUT)
+            .busy_timeout(timeout)
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .acquire_timeout(timeout)
             .connect_with(options)
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        migrator().run(&pool).await.map_err(|e| {
-            StoreError::Backend(format!(
-                "schema migration of {} failed: {e}",
-                path.display()
-            ))
-        })?;
+        migrator()
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Backend(format!("schema migration of {} failed: {e}", path.display())))?;
         Ok(Self { pool })
     }
 }
@@ -139,6 +130,22 @@ impl AutojoinKeys for SqliteStore {
 }
 
 #[async_trait]
+impl Backend for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // A read of a real table, so a lock held by another process shows.
+        sqlx::query("SELECT 1 FROM integration_keys LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl Admin for SqliteStore {
     async fn create_integration_key(&self, key: &NewIntegrationKey) -> Result<bool, StoreError> {
         let created_at = timestamp(key.created_at);
@@ -171,10 +178,7 @@ impl Admin for SqliteStore {
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
-                StoreError::AlreadyExists(format!(
-                    "key {} of integration {}",
-                    key.key_id, key.integration_id
-                ))
+                StoreError::AlreadyExists(format!("key {} of integration {}", key.key_id, key.integration_id))
             } else {
                 classify(e)
             }
@@ -191,12 +195,7 @@ impl Admin for SqliteStore {
         Ok(any.is_none())
     }
 
-    async fn create_org(
-        &self,
-        name: &str,
-        email: &str,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
+    async fn create_org(&self, name: &str, email: &str, now: OffsetDateTime) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO organizations (name, email, created_at, probability_multiplier)
              VALUES ($1, $2, $3, 1.0)",
@@ -255,7 +254,9 @@ mod tests {
 
     async fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), Duration::from_secs(2))
+            .await
+            .unwrap();
         (dir, store)
     }
 
@@ -276,17 +277,9 @@ mod tests {
         let (_dir, s) = store().await;
         assert!(s.is_empty().await.unwrap());
         let k = IntegrationApiKey::generate("acme", None);
-        assert!(
-            s.create_integration_key(&new_key("acme", &k, 3))
-                .await
-                .unwrap()
-        );
+        assert!(s.create_integration_key(&new_key("acme", &k, 3)).await.unwrap());
         assert!(!s.is_empty().await.unwrap());
-        let rec = s
-            .integration_key("acme", k.key_id())
-            .await
-            .unwrap()
-            .unwrap();
+        let rec = s.integration_key("acme", k.key_id()).await.unwrap().unwrap();
         assert_eq!(rec.status, "active");
         assert_eq!(rec.tier, 3);
         assert!(k.secret().matches_hash(&rec.key_hash));
@@ -295,22 +288,14 @@ mod tests {
 
         // A second key reuses the integration; the same key ID is refused.
         let k2 = IntegrationApiKey::generate("acme", None);
-        assert!(
-            !s.create_integration_key(&new_key("acme", &k2, 0))
-                .await
-                .unwrap()
-        );
+        assert!(!s.create_integration_key(&new_key("acme", &k2, 0)).await.unwrap());
         let dup = IntegrationApiKey::generate("acme", Some(k.key_id()));
         assert!(matches!(
             s.create_integration_key(&new_key("acme", &dup, 0)).await,
             Err(StoreError::AlreadyExists(_))
         ));
         // The refused duplicate did not replace the original.
-        let rec = s
-            .integration_key("acme", k.key_id())
-            .await
-            .unwrap()
-            .unwrap();
+        let rec = s.integration_key("acme", k.key_id()).await.unwrap().unwrap();
         assert!(k.secret().matches_hash(&rec.key_hash));
     }
 
@@ -330,10 +315,7 @@ mod tests {
         ));
         s.create_autojoin_key("mlab", &key, now).await.unwrap();
         assert_eq!(s.autojoin_org(&key).await.unwrap().as_deref(), Some("mlab"));
-        assert_eq!(
-            s.autojoin_org(&AutojoinApiKey::generate()).await.unwrap(),
-            None
-        );
+        assert_eq!(s.autojoin_org(&AutojoinApiKey::generate()).await.unwrap(), None);
         // Only the hash is stored.
         let stored: String = sqlx::query_scalar("SELECT key_hash FROM autojoin_keys")
             .fetch_one(&s.pool)
@@ -348,17 +330,10 @@ mod tests {
         let path = dir.path().join("t.db");
         let k = IntegrationApiKey::generate("acme", None);
         {
-            let s = SqliteStore::open(&path).await.unwrap();
-            s.create_integration_key(&new_key("acme", &k, 0))
-                .await
-                .unwrap();
+            let s = SqliteStore::open(&path, Duration::from_secs(2)).await.unwrap();
+            s.create_integration_key(&new_key("acme", &k, 0)).await.unwrap();
         }
-        let s = SqliteStore::open(&path).await.unwrap();
-        assert!(
-            s.integration_key("acme", k.key_id())
-                .await
-                .unwrap()
-                .is_some()
-        );
+        let s = SqliteStore::open(&path, Duration::from_secs(2)).await.unwrap();
+        assert!(s.integration_key("acme", k.key_id()).await.unwrap().is_some());
     }
 }

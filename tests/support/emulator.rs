@@ -54,10 +54,7 @@ impl Emulator {
             if ok {
                 return emulator;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the emulator did not start within 90 s"
-            );
+            assert!(Instant::now() < deadline, "the emulator did not start within 90 s");
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }

@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod emulator;
+pub mod process;
 pub mod seed;
 
 use std::path::{Path, PathBuf};
@@ -18,7 +19,6 @@ use token_exchange::app::Application;
 use token_exchange::config::StoreArgs;
 use token_exchange::http::AppState;
 use token_exchange::signing::{KeySet, SigningKey};
-use token_exchange::validate::Validator;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_token-exchange");
 
@@ -35,6 +35,9 @@ const ENV_SETTINGS: &[&str] = &[
     "PLATFORM_NS",
     "CLIENT_INTEGRATION_NS",
     "STORE_TIMEOUT",
+    "METRICS_PORT",
+    "LOG_FORMAT",
+    "LOG_LEVEL",
     "DEV",
     "DATA_DIR",
     "RUST_LOG",
@@ -117,9 +120,7 @@ impl Workspace {
             },
             Backend::Datastore => {
                 if std::env::var_os("DATASTORE_EMULATOR_HOST").is_none() {
-                    eprintln!(
-                        "SKIPPED: DATASTORE_EMULATOR_HOST is not set (scripts/test starts the emulator)"
-                    );
+                    eprintln!("SKIPPED: DATASTORE_EMULATOR_HOST is not set (scripts/test starts the emulator)");
                     return None;
                 }
                 StoreArgs {
@@ -180,27 +181,13 @@ impl Workspace {
     pub fn integration_key(&self, integration: &str, extra: &[&str]) -> String {
         let mut args = vec!["integration", "create", "--integration-id", integration];
         args.extend_from_slice(extra);
-        self.admin_json(&args)["api_key"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        self.admin_json(&args)["api_key"].as_str().unwrap().to_owned()
     }
 
     /// Creates an organization and a key for it with the CLI; returns the key.
     pub fn autojoin_key(&self, org: &str) -> String {
-        let out = self.admin(&[
-            "autojoin",
-            "create-org",
-            "--org",
-            org,
-            "--email",
-            "ops@example.org",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = self.admin(&["autojoin", "create-org", "--org", org, "--email", "ops@example.org"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v = self.admin_json(&["autojoin", "create-key", "--org", org]);
         assert_eq!(v["org"], org);
         v["api_key"].as_str().unwrap().to_owned()
@@ -215,6 +202,8 @@ impl Workspace {
 /// A server running in this process on 127.0.0.1 with a free port.
 pub struct TestApp {
     pub base: String,
+    /// URL of the metrics listener's `/metrics`.
+    pub metrics: String,
     pub client: reqwest::Client,
     task: tokio::task::JoinHandle<()>,
 }
@@ -237,19 +226,17 @@ pub async fn spawn_app_with(ws: &Workspace, store_args: &StoreArgs) -> TestApp {
 /// The server on a store built by the test.
 pub async fn spawn_app_on(ws: &Workspace, store: Arc<dyn token_exchange::store::Store>) -> TestApp {
     let key = SigningKey::load(&ws.key_path).unwrap();
-    let state = AppState::new(
-        Arc::new(KeySet::new(key)),
-        Validator::new(store.clone(), store),
-    );
-    let app = Application::build("127.0.0.1:0".parse().unwrap(), state)
-        .await
-        .unwrap();
+    let state = AppState::new(Arc::new(KeySet::new(key)), store, ws.store_args.store_timeout);
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let app = Application::build(loopback, loopback, state).await.unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
+    let metrics = format!("http://{}/metrics", app.metrics_addr());
     let task = tokio::spawn(async move {
         app.run_until_stopped(std::future::pending()).await.unwrap();
     });
     TestApp {
         base,
+        metrics,
         client: reqwest::Client::new(),
         task,
     }
@@ -276,6 +263,18 @@ impl TestApp {
         body["token"].as_str().unwrap().to_owned()
     }
 
+    /// The metrics text, scraped over HTTP.
+    pub async fn scrape(&self) -> String {
+        self.client
+            .get(&self.metrics)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn jwks(&self) -> jsonwebtoken::jwk::JwkSet {
         self.client
             .get(format!("{}/.well-known/jwks.json", self.base))
@@ -286,4 +285,36 @@ impl TestApp {
             .await
             .unwrap()
     }
+}
+
+/// The value of one series in the metrics text, or 0 if absent.
+pub fn series(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// The API and metrics addresses from the server's "listening" log line,
+/// in either log format.
+pub fn parse_listening(line: &str) -> Option<(String, String)> {
+    if line.trim_start().starts_with('{') {
+        let v: Value = serde_json::from_str(line).ok()?;
+        let fields = &v["fields"];
+        if fields["message"] != "listening" {
+            return None;
+        }
+        return Some((
+            fields["addr"].as_str()?.to_owned(),
+            fields["metrics_addr"].as_str()?.to_owned(),
+        ));
+    }
+    if !line.contains("listening") {
+        return None;
+    }
+    let field = |name: &str| {
+        line.split(&format!(" {name}="))
+            .nth(1)
+            .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
+    };
+    Some((field("addr")?, field("metrics_addr")?))
 }

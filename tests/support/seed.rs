@@ -57,9 +57,7 @@ impl Seeder {
             store_timeout: std::time::Duration::from_secs(2),
         };
         token_exchange::store::open(&args).await.unwrap();
-        sqlx::SqlitePool::connect(&format!("sqlite:{path}"))
-            .await
-            .unwrap()
+        sqlx::SqlitePool::connect(&format!("sqlite:{path}")).await.unwrap()
     }
 
     fn key(&self, ns: &str, path: &[(&str, &str)]) -> Value {
@@ -71,34 +69,19 @@ impl Seeder {
 
     /// Upserts entities with the raw REST API.
     pub async fn datastore_commit(&self, entities: Vec<Value>) {
-        let mutations: Vec<Value> = entities
-            .into_iter()
-            .map(|e| json!({ "upsert": e }))
-            .collect();
+        let mutations: Vec<Value> = entities.into_iter().map(|e| json!({ "upsert": e })).collect();
         let response = reqwest::Client::new()
             .post(format!("{}/v1/projects/{}:commit", self.base, self.project))
             .json(&json!({ "mode": "NON_TRANSACTIONAL", "mutations": mutations }))
             .send()
             .await
             .unwrap();
-        assert!(
-            response.status().is_success(),
-            "{}",
-            response.text().await.unwrap()
-        );
+        assert!(response.status().is_success(), "{}", response.text().await.unwrap());
     }
 
     /// Looks up one entity with the raw REST API.
-    pub async fn datastore_lookup(
-        &self,
-        ns_platform: bool,
-        path: &[(&str, &str)],
-    ) -> Option<Value> {
-        let ns = if ns_platform {
-            &self.platform_ns
-        } else {
-            &self.ci_ns
-        };
+    pub async fn datastore_lookup(&self, ns_platform: bool, path: &[(&str, &str)]) -> Option<Value> {
+        let ns = if ns_platform { &self.platform_ns } else { &self.ci_ns };
         let response: Value = reqwest::Client::new()
             .post(format!("{}/v1/projects/{}:lookup", self.base, self.project))
             .json(&json!({ "keys": [self.key(ns, path)] }))
@@ -125,12 +108,14 @@ impl Seeder {
         match self.backend {
             Backend::Sqlite => {
                 let pool = self.sqlite().await;
-                sqlx::query("INSERT OR IGNORE INTO integrations (integration_id, description, created_at) VALUES ($1, '', $2)")
-                    .bind(int_id)
-                    .bind(CREATED_AT)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
+                sqlx::query(
+                    "INSERT OR IGNORE INTO integrations (integration_id, description, created_at) VALUES ($1, '', $2)",
+                )
+                .bind(int_id)
+                .bind(CREATED_AT)
+                .execute(&pool)
+                .await
+                .unwrap();
                 sqlx::query(
                     "INSERT INTO integration_keys (integration_id, key_id, key_hash, status, tier, description, created_at)
                      VALUES ($1, $2, $3, $4, $5, 'seeded', $6)",
@@ -209,15 +194,13 @@ impl Seeder {
         match self.backend {
             Backend::Sqlite => {
                 let pool = self.sqlite().await;
-                sqlx::query(
-                    "INSERT INTO autojoin_keys (key_hash, org, created_at) VALUES ($1, $2, $3)",
-                )
-                .bind(sha256_hex(key))
-                .bind(org)
-                .bind(CREATED_AT)
-                .execute(&pool)
-                .await
-                .unwrap();
+                sqlx::query("INSERT INTO autojoin_keys (key_hash, org, created_at) VALUES ($1, $2, $3)")
+                    .bind(sha256_hex(key))
+                    .bind(org)
+                    .bind(CREATED_AT)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
             }
             Backend::Datastore => {
                 self.datastore_commit(vec![json!({

@@ -11,8 +11,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::wire::{
-    BeginTransactionResponse, CommitRequest, ErrorBody, Key, LookupRequest, LookupResponse,
-    PartitionId, ReadOptions, RollbackRequest, RunQueryRequest, RunQueryResponse,
+    BeginTransactionResponse, CommitRequest, ErrorBody, Key, LookupRequest, LookupResponse, PartitionId, ReadOptions,
+    RollbackRequest, RunQueryRequest, RunQueryResponse,
 };
 
 /// Where production Datastore lives.
@@ -63,11 +63,7 @@ impl Client {
     /// A client for `project`. Given an emulator host it talks plain HTTP
     /// to it without credentials, as Google's clients do; otherwise it uses
     /// Application Default Credentials.
-    pub fn new(
-        project: &str,
-        timeout: Duration,
-        emulator_host: Option<&str>,
-    ) -> Result<Self, CallError> {
+    pub fn new(project: &str, timeout: Duration, emulator_host: Option<&str>) -> Result<Self, CallError> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -125,26 +121,20 @@ impl Client {
             CallError::Transient(format!("{method}: {}", error_chain(&e)))
         })?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| {
-            CallError::Transient(format!("{method}: reading the answer: {}", error_chain(&e)))
-        })?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| CallError::Transient(format!("{method}: reading the answer: {}", error_chain(&e))))?;
         if status.is_success() {
             return serde_json::from_slice(&bytes)
                 .map_err(|e| CallError::Permanent(format!("{method}: unexpected answer: {e}")));
         }
-        let detail = serde_json::from_slice::<ErrorBody>(&bytes)
-            .unwrap_or_default()
-            .error;
-        let what = format!(
-            "{method}: HTTP {status} {} {}",
-            detail.status, detail.message
-        );
+        let detail = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_default().error;
+        let what = format!("{method}: HTTP {status} {} {}", detail.status, detail.message);
         Err(match (status.as_u16(), detail.status.as_str()) {
             (_, "ALREADY_EXISTS") => CallError::AlreadyExists(what),
             (_, "ABORTED") => CallError::Aborted(what),
-            (_, "UNAVAILABLE" | "DEADLINE_EXCEEDED" | "RESOURCE_EXHAUSTED" | "INTERNAL") => {
-                CallError::Transient(what)
-            }
+            (_, "UNAVAILABLE" | "DEADLINE_EXCEEDED" | "RESOURCE_EXHAUSTED" | "INTERNAL") => CallError::Transient(what),
             (429 | 500..=599, _) => CallError::Transient(what),
             _ => CallError::Permanent(what),
         })
@@ -167,11 +157,7 @@ impl Client {
     }
 
     /// Looks up keys; inside `transaction` if given.
-    pub async fn lookup(
-        &self,
-        keys: &[Key],
-        transaction: Option<&str>,
-    ) -> Result<LookupResponse, CallError> {
+    pub async fn lookup(&self, keys: &[Key], transaction: Option<&str>) -> Result<LookupResponse, CallError> {
         let request = LookupRequest {
             keys,
             read_options: transaction.map(|transaction| ReadOptions { transaction }),
@@ -182,9 +168,7 @@ impl Client {
             self.read("lookup", &request).await?
         };
         if !response.deferred.is_empty() {
-            return Err(CallError::Transient(
-                "lookup: Datastore deferred some keys".into(),
-            ));
+            return Err(CallError::Transient("lookup: Datastore deferred some keys".into()));
         }
         Ok(response)
     }
@@ -202,18 +186,12 @@ impl Client {
     }
 
     pub async fn begin_transaction(&self) -> Result<String, CallError> {
-        let response: BeginTransactionResponse = self
-            .call("beginTransaction", &serde_json::json!({}))
-            .await?;
+        let response: BeginTransactionResponse = self.call("beginTransaction", &serde_json::json!({})).await?;
         Ok(response.transaction)
     }
 
     /// Applies `mutations` atomically: within `transaction`, or on their own.
-    pub async fn commit(
-        &self,
-        transaction: Option<&str>,
-        mutations: Vec<serde_json::Value>,
-    ) -> Result<(), CallError> {
+    pub async fn commit(&self, transaction: Option<&str>, mutations: Vec<serde_json::Value>) -> Result<(), CallError> {
         let request = CommitRequest {
             mode: if transaction.is_some() {
                 "TRANSACTIONAL"
@@ -229,9 +207,7 @@ impl Client {
 
     /// Best effort: a transaction left open expires on its own.
     pub async fn rollback(&self, transaction: &str) {
-        let result: Result<serde_json::Value, _> = self
-            .call("rollback", &RollbackRequest { transaction })
-            .await;
+        let result: Result<serde_json::Value, _> = self.call("rollback", &RollbackRequest { transaction }).await;
         if let Err(e) = result {
             tracing::debug!(error = %e, "Datastore rollback failed");
         }

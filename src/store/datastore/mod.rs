@@ -17,8 +17,7 @@ use time::OffsetDateTime;
 use self::client::{CallError, Client};
 use self::wire::{Entity, Key, PartitionId, PathElement};
 use super::{
-    Admin, AutojoinKeys, IntegrationKeyRecord, IntegrationKeys, NewIntegrationKey, STATUS_ACTIVE,
-    StoreError,
+    Admin, AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys, NewIntegrationKey, STATUS_ACTIVE, StoreError,
 };
 use crate::api_key::AutojoinApiKey;
 
@@ -51,9 +50,7 @@ pub struct DatastoreStore {
 impl From<CallError> for StoreError {
     fn from(e: CallError) -> Self {
         match e {
-            CallError::Transient(m) | CallError::Aborted(m) => {
-                StoreError::Unavailable(format!("Datastore: {m}"))
-            }
+            CallError::Transient(m) | CallError::Aborted(m) => StoreError::Unavailable(format!("Datastore: {m}")),
             CallError::AlreadyExists(m) => StoreError::AlreadyExists(m),
             CallError::Permanent(m) => StoreError::Backend(format!("Datastore: {m}")),
         }
@@ -64,12 +61,8 @@ impl DatastoreStore {
     /// Prepares the client. Nothing is sent until the first operation, so a
     /// Datastore outage at start-up does not stop the server.
     pub fn new(config: &DatastoreConfig) -> Result<Self, StoreError> {
-        let client = Client::new(
-            &config.project_id,
-            config.timeout,
-            config.emulator_host.as_deref(),
-        )
-        .map_err(|e| StoreError::Config(format!("Datastore: {e}")))?;
+        let client = Client::new(&config.project_id, config.timeout, config.emulator_host.as_deref())
+            .map_err(|e| StoreError::Config(format!("Datastore: {e}")))?;
         if client.uses_emulator() {
             tracing::info!(project = %config.project_id, "using the Datastore emulator (DATASTORE_EMULATOR_HOST)");
         }
@@ -101,10 +94,7 @@ impl DatastoreStore {
     fn integration_key_path(&self, integration_id: &str, key_id: &str) -> Key {
         Self::key(
             &self.integrations,
-            &[
-                (INTEGRATION_KIND, integration_id),
-                (INTEGRATION_KEY_KIND, key_id),
-            ],
+            &[(INTEGRATION_KIND, integration_id), (INTEGRATION_KEY_KIND, key_id)],
         )
     }
 
@@ -149,10 +139,7 @@ impl DatastoreStore {
     }
 
     async fn exists(&self, key: &Key, tx: &str) -> Result<bool, TxError> {
-        let found = self
-            .client
-            .lookup(std::slice::from_ref(key), Some(tx))
-            .await?;
+        let found = self.client.lookup(std::slice::from_ref(key), Some(tx)).await?;
         Ok(!found.found.is_empty())
     }
 }
@@ -216,24 +203,15 @@ impl IntegrationKeys for DatastoreStore {
 impl AutojoinKeys for DatastoreStore {
     async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
         // Two results are enough to detect a key held by two organizations.
-        let query = wire::equality_query(
-            AUTOJOIN_KEY_KIND,
-            "key",
-            wire::string(key.secret().expose()),
-            2,
-        );
-        let response = self
-            .client
-            .run_query(&self.platform, query)
-            .await
-            .map_err(|e| {
-                // The query carries the key; make sure no error text can.
-                let text = e.to_string().replace(key.secret().expose(), "<redacted>");
-                StoreError::from(match e {
-                    CallError::Transient(_) => CallError::Transient(text),
-                    _ => CallError::Permanent(text),
-                })
-            })?;
+        let query = wire::equality_query(AUTOJOIN_KEY_KIND, "key", wire::string(key.secret().expose()), 2);
+        let response = self.client.run_query(&self.platform, query).await.map_err(|e| {
+            // The query carries the key; make sure no error text can.
+            let text = e.to_string().replace(key.secret().expose(), "<redacted>");
+            StoreError::from(match e {
+                CallError::Transient(_) => CallError::Transient(text),
+                _ => CallError::Permanent(text),
+            })
+        })?;
         let results = response.batch.entity_results;
         if results.len() > 1 {
             tracing::error!(
@@ -246,9 +224,7 @@ impl AutojoinKeys for DatastoreStore {
             return Ok(None);
         };
         match result.entity.key.parent() {
-            Some(parent) if parent.kind == ORGANIZATION_KIND && parent.name.is_some() => {
-                Ok(parent.name.clone())
-            }
+            Some(parent) if parent.kind == ORGANIZATION_KIND && parent.name.is_some() => Ok(parent.name.clone()),
             _ => {
                 tracing::error!(
                     fingerprint = %key.fingerprint(),
@@ -261,12 +237,21 @@ impl AutojoinKeys for DatastoreStore {
 }
 
 #[async_trait]
+impl Backend for DatastoreStore {
+    fn backend(&self) -> &'static str {
+        "datastore"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // The lookup the request path makes, of a key that need not exist.
+        self.integration_key("-", "ki_-").await.map(|_| ())
+    }
+}
+
+#[async_trait]
 impl Admin for DatastoreStore {
     async fn create_integration_key(&self, new: &NewIntegrationKey) -> Result<bool, StoreError> {
-        let meta_key = Self::key(
-            &self.integrations,
-            &[(INTEGRATION_KIND, &new.integration_id)],
-        );
+        let meta_key = Self::key(&self.integrations, &[(INTEGRATION_KIND, &new.integration_id)]);
         let key_key = self.integration_key_path(&new.integration_id, &new.key_id);
         let result = self
             .in_transaction(|tx| {
@@ -309,20 +294,12 @@ impl Admin for DatastoreStore {
     async fn is_empty(&self) -> Result<bool, StoreError> {
         let response = self
             .client
-            .run_query(
-                &self.integrations,
-                wire::keys_only_query(INTEGRATION_KIND, 1),
-            )
+            .run_query(&self.integrations, wire::keys_only_query(INTEGRATION_KIND, 1))
             .await?;
         Ok(response.batch.entity_results.is_empty())
     }
 
-    async fn create_org(
-        &self,
-        name: &str,
-        email: &str,
-        now: OffsetDateTime,
-    ) -> Result<(), StoreError> {
+    async fn create_org(&self, name: &str, email: &str, now: OffsetDateTime) -> Result<(), StoreError> {
         let key = Self::key(&self.platform, &[(ORGANIZATION_KIND, name)]);
         let mutation = insert(
             key,
@@ -334,9 +311,7 @@ impl Admin for DatastoreStore {
             ]),
         );
         match self.client.commit(None, vec![mutation]).await {
-            Err(CallError::AlreadyExists(_)) => {
-                Err(StoreError::AlreadyExists(format!("organization {name}")))
-            }
+            Err(CallError::AlreadyExists(_)) => Err(StoreError::AlreadyExists(format!("organization {name}"))),
             other => Ok(other?),
         }
     }
@@ -358,25 +333,18 @@ impl Admin for DatastoreStore {
                 let (org_key, key_key) = (org_key.clone(), key_key.clone());
                 async move {
                     if !self.exists(&org_key, &tx).await? {
-                        return Err(TxError::Store(StoreError::NotFound(format!(
-                            "organization {org}"
-                        ))));
+                        return Err(TxError::Store(StoreError::NotFound(format!("organization {org}"))));
                     }
                     let mutation = insert(
                         key_key,
-                        properties([
-                            ("created_at", wire::timestamp(now)),
-                            ("key", wire::string(plaintext)),
-                        ]),
+                        properties([("created_at", wire::timestamp(now)), ("key", wire::string(plaintext))]),
                     );
                     Ok(((), vec![mutation]))
                 }
             })
             .await;
         match result {
-            Err(StoreError::AlreadyExists(_)) => {
-                Err(StoreError::AlreadyExists("that autojoin key".into()))
-            }
+            Err(StoreError::AlreadyExists(_)) => Err(StoreError::AlreadyExists("that autojoin key".into())),
             other => other,
         }
     }

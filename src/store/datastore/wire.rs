@@ -201,10 +201,7 @@ mod tests {
         assert_eq!(integer(2), json!({"integerValue": "2"}));
         assert_eq!(double(1.0), json!({"doubleValue": 1.0}));
         let t = OffsetDateTime::from_unix_timestamp_nanos(1_767_323_045_123_456_789).unwrap();
-        assert_eq!(
-            timestamp(t),
-            json!({"timestampValue": "2026-01-02T03:04:05.123456Z"})
-        );
+        assert_eq!(timestamp(t), json!({"timestampValue": "2026-01-02T03:04:05.123456Z"}));
     }
 
     #[test]

@@ -1,0 +1,169 @@
+//! The one layer that watches every request: it assigns the request ID,
+//! feeds the metrics, and writes the access log line, with the failure
+//! detail that handlers leave in the response (never in its body).
+
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::Instrument as _;
+
+use super::AppState;
+use crate::claims::Principal;
+use crate::metrics::method_label;
+
+/// Header carrying the request ID, in and out.
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Longest request ID taken from a caller; longer ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+/// Longest path written to the log; the rest is cut.
+const MAX_LOGGED_PATH_LEN: usize = 256;
+
+/// Left in a response by the token handlers: who the token was issued to.
+#[derive(Debug, Clone)]
+pub struct Issued(pub Principal);
+
+/// Left in a response by an error: what went wrong, for the log only.
+#[derive(Debug, Clone)]
+pub struct FailureDetail(pub String);
+
+/// The caller's request ID if it is printable and short, else a new one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(&REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID_LEN)
+        .filter(|v| v.as_bytes().iter().all(|b| b.is_ascii_graphic()))
+        .cloned()
+        .unwrap_or_else(|| {
+            let mut random = [0u8; 16];
+            crate::api_key::fill_random(&mut random);
+            let id = uuid::Builder::from_random_bytes(random).into_uuid().to_string();
+            // Unwrap: a UUID is always a valid header value.
+            HeaderValue::from_str(&id).expect("UUID is a valid header value")
+        })
+}
+
+fn truncated(path: &str) -> &str {
+    if path.len() <= MAX_LOGGED_PATH_LEN {
+        return path;
+    }
+    let mut end = MAX_LOGGED_PATH_LEN;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
+
+pub(super) async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = truncated(request.uri().path()).to_owned();
+    let id = request_id(request.headers());
+    let id_text = id.to_str().unwrap_or_default().to_owned();
+
+    let span = tracing::info_span!("request", request_id = %id_text);
+    let mut response = next.run(request).instrument(span).await;
+    let elapsed = started.elapsed();
+    let status = response.status();
+
+    let metrics = &state.metrics;
+    let labels = [status.as_str(), method_label(&method)];
+    match path.as_str() {
+        "/v0/token/autojoin" => {
+            metrics.autojoin_requests.with_label_values(&labels).inc();
+            metrics
+                .autojoin_duration
+                .with_label_values(&labels)
+                .observe(elapsed.as_secs_f64());
+        }
+        "/v0/token/integration" => {
+            metrics.integration_requests.with_label_values(&labels).inc();
+            metrics
+                .integration_duration
+                .with_label_values(&labels)
+                .observe(elapsed.as_secs_f64());
+        }
+        "/.well-known/jwks.json" => metrics.jwks_requests.inc(),
+        _ => {}
+    }
+
+    let (mut int_id, mut key_id, mut org) = (None, None, None);
+    if let Some(Issued(principal)) = response.extensions().get::<Issued>() {
+        let tier = match principal {
+            Principal::Integration {
+                int_id: i,
+                key_id: k,
+                tier,
+            } => {
+                metrics.integration_tokens.with_label_values(&[i.as_str()]).inc();
+                int_id = Some(i.clone());
+                key_id = Some(k.clone());
+                tier.to_string()
+            }
+            Principal::Autojoin { org: o } => {
+                org = Some(o.clone());
+                String::new()
+            }
+        };
+        metrics
+            .tokens_issued
+            .with_label_values(&[principal.audience(), &tier])
+            .inc();
+    }
+    let failure = response.extensions().get::<FailureDetail>().map(|f| f.0.clone());
+
+    macro_rules! access_line {
+        ($level:expr) => {
+            tracing::event!(
+                $level,
+                method = %method,
+                path = %path,
+                status = status.as_u16(),
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                request_id = %id_text,
+                int_id,
+                key_id,
+                org,
+                error = failure,
+                "request"
+            )
+        };
+    }
+    if status == StatusCode::INTERNAL_SERVER_ERROR {
+        access_line!(tracing::Level::ERROR);
+    } else if status.is_server_error() {
+        access_line!(tracing::Level::WARN);
+    } else {
+        access_line!(tracing::Level::INFO);
+    }
+
+    response.headers_mut().insert(REQUEST_ID.clone(), id);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut headers = HeaderMap::new();
+        let made = request_id(&headers);
+        assert_eq!(made.len(), 36);
+        headers.insert(&REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&headers), "abc-123");
+        headers.insert(&REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&headers), "has space");
+        headers.insert(&REQUEST_ID, HeaderValue::from_str(&"x".repeat(129)).unwrap());
+        assert_eq!(request_id(&headers).len(), 36);
+    }
+
+    #[test]
+    fn long_paths_are_cut_on_a_character_boundary() {
+        let path = format!("/{}", "é".repeat(200));
+        let cut = truncated(&path);
+        assert!(cut.len() <= MAX_LOGGED_PATH_LEN && path.starts_with(cut));
+    }
+}

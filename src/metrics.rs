@@ -1,0 +1,206 @@
+//! Prometheus metrics, served on their own port.
+//!
+//! The first four series are the Go service's, with its names, labels and
+//! buckets, so existing dashboards and alerts keep working. The rest are new.
+
+use prometheus::{Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+
+/// Everything the service counts. One instance per server, registered in a
+/// registry of its own (so tests do not share counters).
+pub struct Metrics {
+    registry: Registry,
+    /// Go: requests to `/v0/token/autojoin`, by status code and method.
+    pub autojoin_requests: IntCounterVec,
+    pub autojoin_duration: HistogramVec,
+    /// Go: requests to `/v0/token/integration`, by status code and method.
+    pub integration_requests: IntCounterVec,
+    pub integration_duration: HistogramVec,
+    /// Tokens signed and returned, by audience and tier (empty for autojoin).
+    pub tokens_issued: IntCounterVec,
+    /// Integration tokens by integration. Only valid keys reach it, so its
+    /// cardinality is bounded by the registered integrations.
+    pub integration_tokens: IntCounterVec,
+    /// Calls that reached the store, by backend, key kind and result.
+    pub store_lookups: IntCounterVec,
+    pub store_lookup_duration: HistogramVec,
+    pub signing_duration: HistogramVec,
+    pub jwks_requests: IntCounter,
+}
+
+/// Buckets for in-process work measured in microseconds (signing, a cached
+/// or local store read), which Prometheus' defaults (5 ms and up) cannot
+/// tell apart.
+const FINE_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5,
+];
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+        .expect("valid metric definition");
+    registry.register(Box::new(h.clone())).expect("metric registered once");
+    h
+}
+
+impl Metrics {
+    // The expects below fail only on a malformed definition or a name
+    // registered twice, both fixed in this function; tests exercise it.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector registered once");
+        let go = prometheus::DEFAULT_BUCKETS;
+        let jwks_requests = IntCounter::new("tokenexchange_jwks_requests_total", "Total number of JWKS requests.")
+            .expect("valid metric definition");
+        registry
+            .register(Box::new(jwks_requests.clone()))
+            .expect("metric registered once");
+        Self {
+            autojoin_requests: counter(
+                &registry,
+                "tokenexchange_autojoin_requests_total",
+                "Total number of autojoin token requests.",
+                &["code", "method"],
+            ),
+            autojoin_duration: histogram(
+                &registry,
+                "tokenexchange_autojoin_request_duration_seconds",
+                "Duration of autojoin token requests.",
+                &["code", "method"],
+                go,
+            ),
+            integration_requests: counter(
+                &registry,
+                "tokenexchange_integration_requests_total",
+                "Total number of integration token requests.",
+                &["code", "method"],
+            ),
+            integration_duration: histogram(
+                &registry,
+                "tokenexchange_integration_request_duration_seconds",
+                "Duration of integration token requests.",
+                &["code", "method"],
+                go,
+            ),
+            tokens_issued: counter(
+                &registry,
+                "tokenexchange_tokens_issued_total",
+                "Tokens issued, by audience and tier.",
+                &["audience", "tier"],
+            ),
+            integration_tokens: counter(
+                &registry,
+                "tokenexchange_integration_tokens_total",
+                "Integration tokens issued, by integration ID.",
+                &["int_id"],
+            ),
+            store_lookups: counter(
+                &registry,
+                "tokenexchange_store_lookups_total",
+                "Key lookups that reached the store, by backend, key kind and result (found, not_found, error).",
+                &["backend", "kind", "result"],
+            ),
+            store_lookup_duration: histogram(
+                &registry,
+                "tokenexchange_store_lookup_duration_seconds",
+                "Duration of key lookups in the store.",
+                &["backend", "kind"],
+                FINE_BUCKETS,
+            ),
+            signing_duration: histogram(
+                &registry,
+                "tokenexchange_signing_duration_seconds",
+                "Time to sign one token.",
+                &["alg"],
+                FINE_BUCKETS,
+            ),
+            jwks_requests,
+            registry,
+        }
+    }
+
+    /// The Prometheus text format (version 0.0.4), as Go's client writes it.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into memory fails only on a metric family without
+        // metrics, which the registry never yields.
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding of gathered metrics");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The `method` label as Go's promhttp writes it: lower case. Methods
+/// outside the standard set share one label value, so a client inventing
+/// methods cannot grow the series without bound.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "get",
+        Method::POST => "post",
+        Method::PUT => "put",
+        Method::DELETE => "delete",
+        Method::HEAD => "head",
+        Method::OPTIONS => "options",
+        Method::PATCH => "patch",
+        Method::CONNECT => "connect",
+        Method::TRACE => "trace",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_series_keep_their_buckets_and_format() {
+        let m = Metrics::new();
+        m.integration_requests.with_label_values(&["200", "post"]).inc();
+        m.integration_duration
+            .with_label_values(&["200", "post"])
+            .observe(0.003);
+        let text = m.render();
+        assert!(
+            text.contains("tokenexchange_integration_requests_total{code=\"200\",method=\"post\"} 1\n"),
+            "{text}"
+        );
+        let buckets: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("tokenexchange_integration_request_duration_seconds_bucket"))
+            .map(|l| l.split("le=\"").nth(1).unwrap().split('"').next().unwrap())
+            .collect();
+        // Go's prometheus.DefBuckets.
+        assert_eq!(
+            buckets,
+            [
+                "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "+Inf"
+            ]
+        );
+        assert!(text.contains("# TYPE tokenexchange_integration_request_duration_seconds histogram"));
+        #[cfg(target_os = "linux")]
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    }
+
+    #[test]
+    fn methods_are_lower_case_and_bounded() {
+        assert_eq!(method_label(&axum::http::Method::POST), "post");
+        let odd = axum::http::Method::from_bytes(b"BREW").unwrap();
+        assert_eq!(method_label(&odd), "unknown");
+    }
+}

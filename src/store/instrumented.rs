@@ -1,0 +1,69 @@
+//! A layer over any backend that measures the request-path lookups: one
+//! count and one duration per call that reaches the store, and a note for
+//! readiness that the store answered.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+
+use super::{AutojoinKeys, IntegrationKeyRecord, IntegrationKeys, Lookups, StoreError};
+use crate::api_key::AutojoinApiKey;
+use crate::http::StoreHealth;
+use crate::metrics::Metrics;
+
+pub struct Instrumented {
+    inner: Arc<dyn Lookups>,
+    metrics: Arc<Metrics>,
+    health: Arc<StoreHealth>,
+}
+
+impl Instrumented {
+    pub fn new(inner: Arc<dyn Lookups>, metrics: Arc<Metrics>, health: Arc<StoreHealth>) -> Self {
+        Self { inner, metrics, health }
+    }
+
+    fn record<T>(&self, kind: &str, started: Instant, result: &Result<Option<T>, StoreError>) {
+        let backend = self.inner.backend();
+        let outcome = match result {
+            Ok(Some(_)) => "found",
+            Ok(None) => "not_found",
+            Err(_) => "error",
+        };
+        self.metrics
+            .store_lookups
+            .with_label_values(&[backend, kind, outcome])
+            .inc();
+        self.metrics
+            .store_lookup_duration
+            .with_label_values(&[backend, kind])
+            .observe(started.elapsed().as_secs_f64());
+        if result.is_ok() {
+            self.health.answered();
+        }
+    }
+}
+
+#[async_trait]
+impl IntegrationKeys for Instrumented {
+    async fn integration_key(
+        &self,
+        integration_id: &str,
+        key_id: &str,
+    ) -> Result<Option<IntegrationKeyRecord>, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.integration_key(integration_id, key_id).await;
+        self.record("integration", started, &result);
+        result
+    }
+}
+
+#[async_trait]
+impl AutojoinKeys for Instrumented {
+    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.autojoin_org(key).await;
+        self.record("autojoin", started, &result);
+        result
+    }
+}
