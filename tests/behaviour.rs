@@ -8,7 +8,7 @@ mod support;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde_json::{Value, json};
-use support::{Backend, Workspace, spawn_app};
+use support::{Backend, Workspace, command, series, spawn_app};
 
 /// Runs each listed test once per backend, in a module named after it.
 macro_rules! for_each_backend {
@@ -37,6 +37,8 @@ for_each_backend!(
     organizations_written_by_other_programs,
     admin_refusals_change_nothing,
     jwks_over_the_wire,
+    metrics_over_the_wire,
+    logs_never_contain_keys_tokens_or_private_keys,
 );
 
 fn verify(token: &str, jwks: &jsonwebtoken::jwk::JwkSet, alg: Algorithm, audience: &str) -> Value {
@@ -350,4 +352,236 @@ async fn shutdown_lets_an_in_flight_request_finish() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     let result = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
     result.expect("server stopped").unwrap().unwrap();
+}
+
+async fn metrics_over_the_wire(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let good = ws.integration_key("metered", &["--tier", "1"]);
+    let org_key = ws.autojoin_key("metered-org");
+    let app = spawn_app(&ws).await;
+    for _ in 0..3 {
+        assert_eq!(app.status("integration", &good).await, 200);
+    }
+    assert_eq!(app.status("integration", &format!("{good}x")).await, 401);
+    assert_eq!(app.status("integration", "not even a key").await, 401);
+    assert_eq!(app.status("autojoin", &org_key).await, 200);
+    assert_eq!(app.status("autojoin", "unknown-key").await, 401);
+    app.jwks().await;
+
+    let response = app.client.get(&app.metrics).send().await.unwrap();
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = response.text().await.unwrap();
+    let m = |s: &str| series(&text, s);
+    let name = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Datastore => "datastore",
+    };
+    assert_eq!(
+        m(r#"tokenexchange_integration_requests_total{code="200",method="post"}"#),
+        3.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_integration_requests_total{code="401",method="post"}"#),
+        2.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_autojoin_requests_total{code="200",method="post"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_autojoin_requests_total{code="401",method="post"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_tokens_issued_total{audience="integration",tier="1"}"#),
+        3.0
+    );
+    assert_eq!(m(r#"tokenexchange_integration_tokens_total{int_id="metered"}"#), 3.0);
+    let lookups = |kind: &str, result: &str| {
+        m(&format!(
+            r#"tokenexchange_store_lookups_total{{backend="{name}",kind="{kind}",result="{result}"}}"#
+        ))
+    };
+    assert_eq!(lookups("integration", "found"), 4.0);
+    assert_eq!(lookups("autojoin", "found"), 1.0);
+    assert_eq!(lookups("autojoin", "not_found"), 1.0);
+    assert_eq!(m(r#"tokenexchange_signing_duration_seconds_count{alg="EdDSA"}"#), 4.0);
+    assert_eq!(m("tokenexchange_jwks_requests_total"), 1.0);
+    assert!(m("process_resident_memory_bytes") > 0.0);
+    assert_eq!(app.get_status("/ready").await, 200);
+}
+
+/// Keys, secrets, tokens and private key members must not reach the log at
+/// any level, whatever the request does with them.
+async fn logs_never_contain_keys_tokens_or_private_keys(backend: Backend) {
+    use std::process::Stdio;
+    use support::process::{lines, listening_addr, signal, wait_exit};
+
+    let Some(ws) = Workspace::with_backend(backend, "ES256") else {
+        return;
+    };
+    let mut cli_logs = Vec::new();
+    let mut admin = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--json", "--log-level", "trace"]);
+        all.extend(ws.store_flags.iter().map(String::as_str));
+        let out = command().args(&all).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        cli_logs.push(String::from_utf8_lossy(&out.stderr).into_owned());
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let real = admin(&["integration", "create", "--integration-id", "quiet"])["api_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    admin(&[
+        "autojoin",
+        "create-org",
+        "--org",
+        "quiet-org",
+        "--email",
+        "q@example.org",
+    ]);
+    let real_org = admin(&["autojoin", "create-key", "--org", "quiet-org"])["api_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let secret = real.rsplit('.').next().unwrap().to_owned();
+    let wrong_secret = format!("{}.WRONGsecretWRONGsecretWRONGsecret", real.rsplit_once('.').unwrap().0);
+    let unknown = "mlabk.cii_quiet.ki_ffffffffffffffff.UNKNOWNsecretUNKNOWNsecret".to_owned();
+    let fake_org = "FAKEautojoinKEYfakeAUTOJOINkey0123456789ab".to_owned();
+    let presented = [
+        real.clone(),
+        real_org.clone(),
+        wrong_secret.clone(),
+        unknown.clone(),
+        fake_org.clone(),
+    ];
+
+    let mut child = command()
+        .args(["serve", "--port", "0", "--metrics-port", "0", "--log-level", "trace"])
+        .args(["--private-key-path", ws.key_path.to_str().unwrap()])
+        .args(&ws.store_flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = lines(child.stderr.take().unwrap());
+    let addr = listening_addr(&stderr);
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("http://{addr}{path}");
+    let mut tokens = Vec::new();
+    for key in &presented {
+        for route in ["/v0/token/integration", "/v0/token/autojoin"] {
+            let bodies = [
+                json!({ "api_key": key }).to_string(),
+                format!(r#"{{"api_key":"{key}","api_key":"{key}"}}"#),
+                json!({ "api_key": [key] }).to_string(),
+                json!({ "wrong": key }).to_string(),
+                key.clone(),
+                format!(r#"{{"api_key":"{key}""#),
+            ];
+            for body in bodies {
+                let response = client.post(url(route)).body(body).send().await.unwrap();
+                if response.status() == 200 {
+                    let v: Value = response.json().await.unwrap();
+                    tokens.push(v["token"].as_str().unwrap().to_owned());
+                }
+            }
+            client
+                .get(url(route))
+                .body(json!({ "api_key": key }).to_string())
+                .send()
+                .await
+                .unwrap();
+        }
+        client.get(url(&format!("/v0/token/{key}"))).send().await.unwrap();
+        client.get(url(&format!("/health?api_key={key}"))).send().await.unwrap();
+    }
+    for path in ["/.well-known/jwks.json", "/health", "/ready"] {
+        assert!(
+            client.get(url(path)).send().await.unwrap().status().is_success(),
+            "{path}"
+        );
+    }
+    assert_eq!(tokens.len(), 2, "the two real keys each got a token");
+
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    let mut log: Vec<String> = cli_logs;
+    while let Ok(line) = stderr.recv_timeout(std::time::Duration::from_secs(5)) {
+        log.push(line);
+    }
+    let text = log.join("\n");
+    // Nothing we use logs at trace; debug lines show the filter let everything through.
+    assert!(
+        text.contains("\"level\":\"DEBUG\"") || text.contains("DEBUG"),
+        "the log has debug lines"
+    );
+    assert!(
+        text.contains("\"status\":401") && text.contains("\"status\":200"),
+        "access lines are there"
+    );
+
+    let private: Value = serde_json::from_slice(&std::fs::read(&ws.key_path).unwrap()).unwrap();
+    let mut forbidden: Vec<String> = presented.to_vec();
+    forbidden.push(secret);
+    forbidden.push("WRONGsecretWRONGsecretWRONGsecret".into());
+    forbidden.push(private["d"].as_str().unwrap().to_owned());
+    for token in &tokens {
+        forbidden.push(token.clone());
+        // The signature alone identifies a token too.
+        forbidden.push(token.rsplit('.').next().unwrap().to_owned());
+    }
+    for needle in &forbidden {
+        if let Some(line) = log.iter().find(|l| l.contains(needle.as_str())) {
+            panic!("the log contains a secret ({} bytes): {line}", needle.len());
+        }
+    }
+}
+
+/// SQLite's version of a store outage: another process holds an exclusive
+/// lock for longer than the store timeout.
+#[tokio::test]
+async fn a_locked_sqlite_file_is_503_and_not_ready() {
+    use sqlx::Connection as _;
+
+    let mut ws = Workspace::new("EdDSA");
+    ws.store_args.store_timeout = std::time::Duration::from_millis(300);
+    let key = ws.integration_key("locked", &[]);
+    let store = token_exchange::store::open(&ws.store_args).await.unwrap();
+    let app = support::spawn_app_full(&ws, store, support::quick_readiness()).await;
+    assert_eq!(app.status("integration", &key).await, 200);
+    assert_eq!(app.get_status("/ready").await, 200);
+
+    // Another process takes the file for itself, as a backup tool or an
+    // operator's `sqlite3` shell might, and keeps it past the store timeout.
+    let path = ws.store_url().trim_start_matches("sqlite:").to_owned();
+    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite:{path}"))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut locker).await.unwrap();
+    sqlx::query("UPDATE integrations SET description = 'locked'")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+
+    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    let response = app.exchange("integration", &key).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(app.get_status("/ready").await, 503);
+    assert_eq!(app.get_status("/health").await, 200);
+
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    locker.close().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    assert_eq!(app.status("integration", &key).await, 200);
+    assert_eq!(app.get_status("/ready").await, 200);
 }

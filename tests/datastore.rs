@@ -234,14 +234,21 @@ async fn an_emulator_outage_is_503_and_recovery_needs_no_restart() {
         emulator_host: Some(own_host.clone()),
     };
     let store = std::sync::Arc::new(token_exchange::store::DatastoreStore::new(&config).unwrap());
-    let app = support::spawn_app_on(&ws, store).await;
+    let app = support::spawn_app_full(&ws, store, support::quick_readiness()).await;
     let seed = support::seed::Seeder::for_emulator(&ws, &own_host);
     let key = seed
         .integration_key("outage", "ki_outage", "outage-secret", "active", Some(1))
         .await;
     assert_eq!(app.status("integration", &key).await, 200);
+    assert_eq!(app.get_status("/ready").await, 200);
 
     emulator.stop();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        app.get_status("/ready").await,
+        503,
+        "not ready once the store stopped answering"
+    );
     let response = app.exchange("integration", &key).await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
@@ -261,4 +268,12 @@ async fn an_emulator_outage_is_503_and_recovery_needs_no_restart() {
         assert!(Instant::now() < deadline, "no recovery: still {status}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(app.get_status("/ready").await, 200);
+    let text = app.scrape().await;
+    assert!(
+        support::series(
+            &text,
+            r#"tokenexchange_store_lookups_total{backend="datastore",kind="integration",result="error"}"#
+        ) >= 1.0
+    );
 }

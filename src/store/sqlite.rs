@@ -1,8 +1,12 @@
 //! The embedded store: one SQLite file, no setup.
 //!
-//! The server and the admin CLI may open the same file at once: WAL mode lets
-//! readers proceed while a writer commits, and a busy timeout makes a
-//! writer wait for another instead of failing.
+//! The server and the admin CLI may open the same file at once. Writes are a
+//! few rows in a millisecond, so the classic rollback journal is enough:
+//! whoever finds the file locked waits (up to `--store-timeout`) instead of
+//! failing. It also keeps the store one file at rest (WAL mode would add
+//! `-wal` and `-shm` files that must be copied with it), and a lock held too
+//! long by another process shows up as what it is: a store that does not
+//! answer (503 and not ready), never as a bad key.
 
 use std::path::Path;
 use std::str::FromStr as _;
@@ -19,7 +23,7 @@ use super::{Admin, AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys,
 use crate::api_key::AutojoinApiKey;
 
 /// Connections in the pool. SQLite serialises writers anyway; a few readers
-/// in parallel are all WAL mode can use on two cores.
+/// in parallel are plenty on two cores.
 const MAX_CONNECTIONS: u32 = 4;
 
 pub struct SqliteStore {
@@ -47,8 +51,8 @@ impl SqliteStore {
             .map_err(backend)?
             .filename(path)
             .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .journal_mode(SqliteJournalMode::Delete)
+            .synchronous(SqliteSynchronous::Full)
             .busy_timeout(timeout)
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()

@@ -17,7 +17,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 use token_exchange::app::Application;
 use token_exchange::config::StoreArgs;
-use token_exchange::http::AppState;
+use token_exchange::http::{AppState, ReadinessWindows};
 use token_exchange::signing::{KeySet, SigningKey};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_token-exchange");
@@ -225,8 +225,25 @@ pub async fn spawn_app_with(ws: &Workspace, store_args: &StoreArgs) -> TestApp {
 
 /// The server on a store built by the test.
 pub async fn spawn_app_on(ws: &Workspace, store: Arc<dyn token_exchange::store::Store>) -> TestApp {
+    spawn_app_full(ws, store, ReadinessWindows::default()).await
+}
+
+/// Readiness windows short enough for a test to wait out.
+pub fn quick_readiness() -> ReadinessWindows {
+    ReadinessWindows {
+        freshness: Duration::from_millis(300),
+        probe_interval: Duration::from_millis(100),
+    }
+}
+
+/// The server on a store built by the test, with given readiness windows.
+pub async fn spawn_app_full(
+    ws: &Workspace,
+    store: Arc<dyn token_exchange::store::Store>,
+    windows: ReadinessWindows,
+) -> TestApp {
     let key = SigningKey::load(&ws.key_path).unwrap();
-    let state = AppState::new(Arc::new(KeySet::new(key)), store, ws.store_args.store_timeout);
+    let state = AppState::with_readiness(Arc::new(KeySet::new(key)), store, ws.store_args.store_timeout, windows);
     let loopback = "127.0.0.1:0".parse().unwrap();
     let app = Application::build(loopback, loopback, state).await.unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
@@ -261,6 +278,17 @@ impl TestApp {
         assert_eq!(response.status(), 200);
         let body: Value = response.json().await.unwrap();
         body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// The status of `GET path`.
+    pub async fn get_status(&self, path: &str) -> u16 {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
     }
 
     /// The metrics text, scraped over HTTP.
