@@ -1,6 +1,6 @@
 //! Assembles the service and runs it until it is told to stop.
 
-use std::future::{Future, IntoFuture as _};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,6 +20,7 @@ pub struct Application {
     api_router: Router,
     metrics: TcpListener,
     metrics_router: Router,
+    header_read_timeout: Duration,
 }
 
 impl Application {
@@ -31,6 +32,7 @@ impl Application {
         let metrics = TcpListener::bind(metrics_addr).await?;
         Ok(Self {
             api,
+            header_read_timeout: state.settings.header_read_timeout,
             metrics_router: metrics_router(state.metrics.clone()),
             api_router: router(state),
             metrics,
@@ -57,17 +59,12 @@ impl Application {
         F: Future<Output = ()> + Send + 'static,
     {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            // An error means the sender is gone, which also means stop.
-            let _ = rx.wait_for(|stop| *stop).await;
+        let api = serve(self.api, self.api_router, self.header_read_timeout, stop_rx.clone());
+        let metrics = serve(self.metrics, self.metrics_router, self.header_read_timeout, stop_rx);
+        let servers = async {
+            tokio::join!(api, metrics);
+            Ok(())
         };
-        let api = axum::serve(self.api, self.api_router)
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future();
-        let metrics = axum::serve(self.metrics, self.metrics_router)
-            .with_graceful_shutdown(stopped(stop_rx))
-            .into_future();
-        let servers = async { tokio::try_join!(api, metrics).map(|_| ()) };
         let deadline = async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections, finishing in-flight requests");
@@ -82,6 +79,62 @@ impl Application {
             }
         }
     }
+}
+
+/// Serves HTTP/1.1 on `listener` until `stop` turns true, then stops
+/// accepting and waits for open connections to finish their requests.
+///
+/// Written on hyper directly rather than `axum::serve` for one setting:
+/// a header read timeout, without which a client trickling header bytes
+/// holds a connection (and a file descriptor) for as long as it likes.
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    header_read_timeout: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of
+                    // spinning, then keep serving the connections we have.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => break,
+        };
+        // Tokens are small and answered at once; waiting to batch writes
+        // would only add latency.
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Resolves when `stop` turns true, or its sender is gone (which also means
+/// stop). The guard `wait_for` returns is dropped here, so callers stay `Send`.
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 /// Resolves on SIGTERM (what orchestrators send) or SIGINT (Ctrl-C).

@@ -118,9 +118,55 @@ pub struct ServeArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub store: StoreArgs,
+    /// How long a valid key is trusted without asking the store again. This
+    /// is the longest a revoked key keeps working. `0` disables the cache.
+    #[arg(long, env = "KEY_CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub key_cache_ttl: Duration,
+    /// How long an unknown, inactive or wrong key is refused without asking
+    /// the store again.
+    #[arg(long, env = "NEGATIVE_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub negative_cache_ttl: Duration,
+    /// Most keys cached (valid and refused together); least recently used
+    /// go first.
+    #[arg(long, env = "KEY_CACHE_SIZE", default_value_t = crate::cache::DEFAULT_CAPACITY)]
+    pub key_cache_size: usize,
+    /// While the store fails, a valid key whose cache entry expired less
+    /// than this long ago still gets tokens.
+    #[arg(long, env = "STALE_IF_ERROR", default_value = "10m", value_parser = parse_duration)]
+    pub stale_if_error: Duration,
+    /// Deadline of one request; past it the answer is 503.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Requests handled at once; more are refused with 503 instead of
+    /// queueing [default: 256 per CPU].
+    #[arg(long, env = "MAX_IN_FLIGHT", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: Option<u32>,
+    /// Time a client has to send its request headers; slower connections
+    /// are closed.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
 }
 
 impl ServeArgs {
+    /// The service settings these flags describe.
+    pub fn settings(&self) -> crate::http::Settings {
+        crate::http::Settings {
+            store_timeout: self.store.store_timeout,
+            cache: crate::cache::CacheSettings {
+                ttl: self.key_cache_ttl,
+                negative_ttl: self.negative_cache_ttl,
+                capacity: self.key_cache_size,
+                stale_if_error: self.stale_if_error,
+            },
+            request_timeout: self.request_timeout,
+            max_in_flight: self
+                .max_in_flight
+                .map_or_else(crate::http::default_max_in_flight, |n| n as usize),
+            header_read_timeout: self.header_read_timeout,
+            ..crate::http::Settings::default()
+        }
+    }
+
     /// Production listens on every interface, as the Go service does; the
     /// development mode only on loopback, since its keys are not secret.
     pub fn listen_addr(&self) -> SocketAddr {

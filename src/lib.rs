@@ -11,6 +11,7 @@
 //! - [`app`]: assembles store, signer and router; runs until shutdown.
 //! - [`api_key`]: API key formats: parse, generate, hash, verify.
 //! - [`validate`]: turns a presented key into a [`claims::Principal`] or a refusal.
+//! - [`cache`]: the validation cache in front of the store (TTLs, single flight, stale-if-error).
 //! - [`claims`]: the two token shapes, their audiences and lifetimes.
 //! - [`signing`]: JWK loading, JWS signing, the public JWKS, key generation.
 //! - [`http`]: the router, one file per endpoint, and the one place that maps
@@ -22,6 +23,7 @@
 
 pub mod api_key;
 pub mod app;
+pub mod cache;
 pub mod claims;
 pub mod cli;
 pub mod config;

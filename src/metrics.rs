@@ -25,6 +25,8 @@ pub struct Metrics {
     pub store_lookup_duration: HistogramVec,
     pub signing_duration: HistogramVec,
     pub jwks_requests: IntCounter,
+    /// Validation cache outcomes: hit, miss, negative_hit, stale, coalesced.
+    pub key_cache: IntCounterVec,
 }
 
 /// Buckets for in-process work measured in microseconds (signing, a cached
@@ -121,6 +123,12 @@ impl Metrics {
                 "Time to sign one token.",
                 &["alg"],
                 FINE_BUCKETS,
+            ),
+            key_cache: counter(
+                &registry,
+                "tokenexchange_key_cache_total",
+                "Validation cache outcomes: hit, miss, negative_hit, stale, coalesced.",
+                &["result"],
             ),
             jwks_requests,
             registry,

@@ -4,10 +4,14 @@
 //! HTTP layer answers with one fixed 401, so a caller cannot tell a malformed
 //! key from an unknown or revoked one. A store that fails is
 //! [`Rejection::Unavailable`]: the caller should retry, not give up.
+//!
+//! Well-formed keys go through the [`KeyCache`]; malformed ones are refused
+//! before it, so they cost neither a store read nor a cache entry.
 
 use std::sync::Arc;
 
 use crate::api_key::{AutojoinApiKey, IntegrationApiKey};
+use crate::cache::{KeyCache, Verdict, cache_key};
 use crate::claims::Principal;
 use crate::store::{AutojoinKeys, IntegrationKeys, STATUS_ACTIVE, StoreError};
 
@@ -18,21 +22,30 @@ pub enum Rejection {
     /// the key or its secret.
     #[error("invalid API key: {0}")]
     Invalid(String),
-    /// The store could not answer.
-    #[error(transparent)]
-    Unavailable(#[from] StoreError),
+    /// The store could not answer, and no cached verdict could stand in.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
-/// Validates keys against the stores.
+/// Cache-key prefixes, so the two kinds of key never share an entry.
+const INTEGRATION: u8 = b'i';
+const AUTOJOIN: u8 = b'a';
+
+/// Validates keys against the stores, through the cache.
 #[derive(Clone)]
 pub struct Validator {
     integration: Arc<dyn IntegrationKeys>,
     autojoin: Arc<dyn AutojoinKeys>,
+    cache: Arc<KeyCache>,
 }
 
 impl Validator {
-    pub fn new(integration: Arc<dyn IntegrationKeys>, autojoin: Arc<dyn AutojoinKeys>) -> Self {
-        Self { integration, autojoin }
+    pub fn new(integration: Arc<dyn IntegrationKeys>, autojoin: Arc<dyn AutojoinKeys>, cache: Arc<KeyCache>) -> Self {
+        Self {
+            integration,
+            autojoin,
+            cache,
+        }
     }
 
     /// Checks a client-integration key: well formed, known, active, and its
@@ -41,39 +54,48 @@ impl Validator {
         let key: IntegrationApiKey = presented
             .parse()
             .map_err(|e: crate::api_key::ParseError| Rejection::Invalid(e.to_string()))?;
-        let record = self
+        let verdict = self
+            .cache
+            .verdict(cache_key(INTEGRATION, presented), || self.check_integration(&key))
+            .await
+            .map_err(|e| Rejection::Unavailable(e.0))?;
+        into_result(verdict)
+    }
+
+    async fn check_integration(&self, key: &IntegrationApiKey) -> Result<Verdict, StoreError> {
+        let Some(record) = self
             .integration
             .integration_key(key.integration_id(), key.key_id())
             .await?
-            .ok_or_else(|| {
-                Rejection::Invalid(format!(
-                    "no key {} in integration {}",
-                    key.key_id(),
-                    key.integration_id()
-                ))
-            })?;
+        else {
+            return Ok(Verdict::Invalid(format!(
+                "no key {} in integration {}",
+                key.key_id(),
+                key.integration_id()
+            )));
+        };
         // The hash is compared before the status so that an attacker who
         // knows a revoked key ID learns nothing from timing either way.
         let secret_ok = key.secret().matches_hash(&record.key_hash);
         if record.status != STATUS_ACTIVE {
-            return Err(Rejection::Invalid(format!(
+            return Ok(Verdict::Invalid(format!(
                 "key {} of integration {} is not active",
                 key.key_id(),
                 key.integration_id()
             )));
         }
         if !secret_ok {
-            return Err(Rejection::Invalid(format!(
+            return Ok(Verdict::Invalid(format!(
                 "wrong secret for key {} of integration {}",
                 key.key_id(),
                 key.integration_id()
             )));
         }
-        Ok(Principal::Integration {
+        Ok(Verdict::Valid(Principal::Integration {
             int_id: key.integration_id().to_owned(),
             key_id: key.key_id().to_owned(),
             tier: record.tier,
-        })
+        }))
     }
 
     /// Checks an autojoin key: bounded, and held by an organization.
@@ -81,10 +103,23 @@ impl Validator {
         let key: AutojoinApiKey = presented
             .parse()
             .map_err(|e: crate::api_key::AutojoinKeyError| Rejection::Invalid(e.to_string()))?;
-        let org =
-            self.autojoin.autojoin_org(&key).await?.ok_or_else(|| {
-                Rejection::Invalid(format!("unknown autojoin key (fingerprint {})", key.fingerprint()))
-            })?;
-        Ok(Principal::Autojoin { org })
+        let verdict = self
+            .cache
+            .verdict(cache_key(AUTOJOIN, presented), || async {
+                Ok(match self.autojoin.autojoin_org(&key).await? {
+                    Some(org) => Verdict::Valid(Principal::Autojoin { org }),
+                    None => Verdict::Invalid(format!("unknown autojoin key (fingerprint {})", key.fingerprint())),
+                })
+            })
+            .await
+            .map_err(|e| Rejection::Unavailable(e.0))?;
+        into_result(verdict)
+    }
+}
+
+fn into_result(verdict: Verdict) -> Result<Principal, Rejection> {
+    match verdict {
+        Verdict::Valid(principal) => Ok(principal),
+        Verdict::Invalid(why) => Err(Rejection::Invalid(why)),
     }
 }

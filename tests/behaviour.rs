@@ -39,6 +39,11 @@ for_each_backend!(
     jwks_over_the_wire,
     metrics_over_the_wire,
     logs_never_contain_keys_tokens_or_private_keys,
+    a_hot_key_costs_one_lookup_per_ttl,
+    revocation_takes_effect_within_the_ttl_and_not_before,
+    made_up_secrets_never_displace_the_real_key,
+    concurrent_requests_for_an_uncached_key_share_one_lookup,
+    store_outages_serve_recent_keys_then_503_and_recover,
 );
 
 fn verify(token: &str, jwks: &jsonwebtoken::jwk::JwkSet, alg: Algorithm, audience: &str) -> Value {
@@ -320,7 +325,7 @@ async fn shutdown_lets_an_in_flight_request_finish() {
     let state = AppState::new(
         Arc::new(KeySet::new(SigningKey::load(&ws.key_path).unwrap())),
         store,
-        ws.store_args.store_timeout,
+        support::settings(&ws),
     );
     let loopback = "127.0.0.1:0".parse().unwrap();
     let app = Application::build(loopback, loopback, state).await.unwrap();
@@ -407,7 +412,8 @@ async fn metrics_over_the_wire(backend: Backend) {
             r#"tokenexchange_store_lookups_total{{backend="{name}",kind="{kind}",result="{result}"}}"#
         ))
     };
-    assert_eq!(lookups("integration", "found"), 4.0);
+    // The good key once (then cached), the wrong secret once.
+    assert_eq!(lookups("integration", "found"), 2.0);
     assert_eq!(lookups("autojoin", "found"), 1.0);
     assert_eq!(lookups("autojoin", "not_found"), 1.0);
     assert_eq!(m(r#"tokenexchange_signing_duration_seconds_count{alg="EdDSA"}"#), 4.0);
@@ -546,42 +552,285 @@ async fn logs_never_contain_keys_tokens_or_private_keys(backend: Backend) {
     }
 }
 
-/// SQLite's version of a store outage: another process holds an exclusive
-/// lock for longer than the store timeout.
-#[tokio::test]
-async fn a_locked_sqlite_file_is_503_and_not_ready() {
-    use sqlx::Connection as _;
+use std::sync::Arc;
+use std::time::Duration;
 
-    let mut ws = Workspace::new("EdDSA");
-    ws.store_args.store_timeout = std::time::Duration::from_millis(300);
-    let key = ws.integration_key("locked", &[]);
+use token_exchange::cache::{DEFAULT_STALE_IF_ERROR, DEFAULT_TTL, ManualClock};
+
+/// The server with its cache on a clock the test moves.
+async fn app_with_clock(ws: &Workspace) -> (support::TestApp, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new());
     let store = token_exchange::store::open(&ws.store_args).await.unwrap();
-    let app = support::spawn_app_full(&ws, store, support::quick_readiness()).await;
+    let app = support::spawn_app_full(store, ws, support::settings_with_clock(ws, clock.clone())).await;
+    (app, clock)
+}
+
+fn lookups(text: &str, backend: Backend, kind: &str) -> f64 {
+    let name = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Datastore => "datastore",
+    };
+    ["found", "not_found", "error"]
+        .iter()
+        .map(|r| {
+            series(
+                text,
+                &format!(r#"tokenexchange_store_lookups_total{{backend="{name}",kind="{kind}",result="{r}"}}"#),
+            )
+        })
+        .sum()
+}
+
+async fn a_hot_key_costs_one_lookup_per_ttl(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let key = ws.integration_key("hot", &[]);
+    let org_key = ws.autojoin_key("hot-org");
+    let (app, clock) = app_with_clock(&ws).await;
+    for _ in 0..1000 {
+        assert_eq!(app.status("integration", &key).await, 200);
+    }
+    for _ in 0..100 {
+        assert_eq!(app.status("autojoin", &org_key).await, 200);
+    }
+    let text = app.scrape().await;
+    assert_eq!(lookups(&text, backend, "integration"), 1.0);
+    assert_eq!(lookups(&text, backend, "autojoin"), 1.0);
+    assert_eq!(series(&text, r#"tokenexchange_key_cache_total{result="hit"}"#), 1098.0);
+    assert_eq!(series(&text, r#"tokenexchange_key_cache_total{result="miss"}"#), 2.0);
+
+    clock.advance(DEFAULT_TTL);
+    for _ in 0..10 {
+        assert_eq!(app.status("integration", &key).await, 200);
+    }
+    assert_eq!(lookups(&app.scrape().await, backend, "integration"), 2.0);
+}
+
+async fn revocation_takes_effect_within_the_ttl_and_not_before(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let seed = ws.seeder();
+    let key = seed
+        .integration_key("revoke", "ki_doomed", "doomed-secret", "active", Some(0))
+        .await;
+    let (app, clock) = app_with_clock(&ws).await;
     assert_eq!(app.status("integration", &key).await, 200);
+
+    seed.set_status("revoke", "ki_doomed", "doomed-secret", "revoked").await;
+    clock.advance(DEFAULT_TTL - Duration::from_secs(1));
+    assert_eq!(
+        app.status("integration", &key).await,
+        200,
+        "still cached before the TTL"
+    );
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(
+        app.status("integration", &key).await,
+        401,
+        "refused once the TTL has passed"
+    );
+    // And not revived by the store failing later: a revoked key has no
+    // valid entry left to serve stale.
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(app.status("integration", &key).await, 401);
+
+    // A new key works at once.
+    let fresh = ws.integration_key("revoke", &[]);
+    assert_eq!(app.status("integration", &fresh).await, 200);
+}
+
+async fn made_up_secrets_never_displace_the_real_key(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let real = ws.integration_key("flood", &["--key-id", "ki_target"]);
+    let (app, _clock) = app_with_clock(&ws).await;
+    assert_eq!(app.status("integration", &real).await, 200);
+    let prefix = real.rsplit_once('.').unwrap().0;
+    for i in 0..1000 {
+        let fake = format!("{prefix}.madeUpSecret{i:04}");
+        assert_eq!(app.status("integration", &fake).await, 401);
+    }
+    let text = app.scrape().await;
+    let before = lookups(&text, backend, "integration");
+    assert_eq!(
+        app.status("integration", &real).await,
+        200,
+        "the real key is still valid"
+    );
+    let text = app.scrape().await;
+    assert_eq!(lookups(&text, backend, "integration"), before, "and still cached");
+    // Repeating a made-up key is answered from the cache.
+    assert_eq!(
+        app.status("integration", &format!("{prefix}.madeUpSecret0999")).await,
+        401
+    );
+    assert_eq!(
+        series(
+            &app.scrape().await,
+            r#"tokenexchange_key_cache_total{result="negative_hit"}"#
+        ),
+        1.0
+    );
+}
+
+async fn concurrent_requests_for_an_uncached_key_share_one_lookup(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let key = ws.integration_key("crowd", &[]);
+    let (app, _clock) = app_with_clock(&ws).await;
+    let app = Arc::new(app);
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (app, key) = (app.clone(), key.clone());
+            tokio::spawn(async move { app.status("integration", &key).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let text = app.scrape().await;
+    assert_eq!(lookups(&text, backend, "integration"), 1.0);
+    let shared = series(&text, r#"tokenexchange_key_cache_total{result="coalesced"}"#)
+        + series(&text, r#"tokenexchange_key_cache_total{result="hit"}"#);
+    assert_eq!(shared, 99.0);
+}
+
+/// A store outage: the Datastore emulator stopped, or for SQLite another
+/// process holding an exclusive lock past the store timeout (file modes do
+/// not stop a process running as root).
+enum Outage {
+    Sqlite {
+        path: String,
+        locker: Option<sqlx::SqliteConnection>,
+    },
+    Datastore {
+        emulator: support::emulator::Emulator,
+        port: u16,
+    },
+}
+
+impl Outage {
+    async fn begin(&mut self) {
+        use sqlx::Connection as _;
+        match self {
+            Outage::Sqlite { path, locker } => {
+                let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite:{path}"))
+                    .await
+                    .unwrap();
+                sqlx::query("BEGIN EXCLUSIVE").execute(&mut conn).await.unwrap();
+                sqlx::query("UPDATE integrations SET description = 'locked'")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                *locker = Some(conn);
+            }
+            Outage::Datastore { emulator, .. } => emulator.stop(),
+        }
+    }
+
+    async fn end(&mut self) {
+        use sqlx::Connection as _;
+        match self {
+            Outage::Sqlite { locker, .. } => {
+                let mut conn = locker.take().unwrap();
+                sqlx::query("COMMIT").execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+            }
+            Outage::Datastore { emulator, port } => {
+                *emulator = support::emulator::Emulator::start(*port).await;
+            }
+        }
+    }
+}
+
+async fn store_outages_serve_recent_keys_then_503_and_recover(backend: Backend) {
+    let Some(mut ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    ws.store_args.store_timeout = Duration::from_millis(300);
+    let clock = Arc::new(ManualClock::new());
+    // Datastore: an emulator of this test's own, to stop and start.
+    let (store, seed, mut outage): (Arc<dyn token_exchange::store::Store>, support::seed::Seeder, Outage) =
+        match backend {
+            Backend::Sqlite => (
+                token_exchange::store::open(&ws.store_args).await.unwrap(),
+                ws.seeder(),
+                Outage::Sqlite {
+                    path: ws.store_url().trim_start_matches("sqlite:").to_owned(),
+                    locker: None,
+                },
+            ),
+            Backend::Datastore => {
+                let port = support::emulator::free_port();
+                let emulator = support::emulator::Emulator::start(port).await;
+                let host = format!("127.0.0.1:{port}");
+                let config = token_exchange::store::DatastoreConfig {
+                    project_id: support::TEST_PROJECT.into(),
+                    platform_ns: ws.store_args.platform_ns.clone(),
+                    client_integration_ns: ws.store_args.client_integration_ns.clone(),
+                    timeout: ws.store_args.store_timeout,
+                    emulator_host: Some(host.clone()),
+                };
+                (
+                    Arc::new(token_exchange::store::DatastoreStore::new(&config).unwrap()),
+                    support::seed::Seeder::for_emulator(&ws, &host),
+                    Outage::Datastore { emulator, port },
+                )
+            }
+        };
+    let recent = seed
+        .integration_key("outage", "ki_recent", "recent-secret", "active", Some(1))
+        .await;
+    let unseen = seed
+        .integration_key("outage", "ki_unseen", "unseen-secret", "active", Some(1))
+        .await;
+    let app = support::spawn_app_full(store, &ws, support::settings_with_clock(&ws, clock.clone())).await;
+    assert_eq!(app.status("integration", &recent).await, 200);
     assert_eq!(app.get_status("/ready").await, 200);
 
-    // Another process takes the file for itself, as a backup tool or an
-    // operator's `sqlite3` shell might, and keeps it past the store timeout.
-    let path = ws.store_url().trim_start_matches("sqlite:").to_owned();
-    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite:{path}"))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN EXCLUSIVE").execute(&mut locker).await.unwrap();
-    sqlx::query("UPDATE integrations SET description = 'locked'")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    outage.begin().await;
+    // Readiness runs on real time: wait out its 300 ms freshness.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(app.get_status("/ready").await, 503, "not ready while the store is out");
+    assert_eq!(app.get_status("/health").await, 200, "but alive");
 
-    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
-    let response = app.exchange("integration", &key).await;
+    // Past the TTL, within the stale window: the recent key still works.
+    clock.advance(DEFAULT_TTL + Duration::from_secs(1));
+    let response = app.exchange("integration", &recent).await;
+    assert_eq!(response.status(), 200, "served stale");
+    // A key not seen before gets 503, never 401.
+    let response = app.exchange("integration", &unseen).await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
-    assert_eq!(app.get_status("/ready").await, 503);
-    assert_eq!(app.get_status("/health").await, 200);
+    assert_eq!(response.text().await.unwrap(), "Service unavailable, retry later\n");
+    // Past the stale window: 503 for it too.
+    clock.advance(DEFAULT_STALE_IF_ERROR);
+    assert_eq!(app.status("integration", &recent).await, 503);
+    let text = app.scrape().await;
+    assert_eq!(series(&text, r#"tokenexchange_key_cache_total{result="stale"}"#), 1.0);
+    assert!(lookups(&text, backend, "integration") >= 3.0);
 
-    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
-    locker.close().await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-    assert_eq!(app.status("integration", &key).await, 200);
+    outage.end().await;
+    if backend == Backend::Datastore {
+        // The restarted emulator is empty: the data comes back with it.
+        seed.integration_key("outage", "ki_recent", "recent-secret", "active", Some(1))
+            .await;
+        seed.integration_key("outage", "ki_unseen", "unseen-secret", "active", Some(1))
+            .await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = app.status("integration", &unseen).await;
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no recovery: still {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.status("integration", &recent).await, 200);
     assert_eq!(app.get_status("/ready").await, 200);
 }

@@ -37,7 +37,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None
     };
 
-    let state = AppState::new(Arc::new(KeySet::new(key)), store, args.store.store_timeout);
+    let state = AppState::new(Arc::new(KeySet::new(key)), store, args.settings());
     let app = Application::build(args.listen_addr(), args.metrics_addr(), state)
         .await
         .with_context(|| format!("cannot listen on {} and {}", args.listen_addr(), args.metrics_addr()))?;

@@ -32,13 +32,17 @@ pub enum ApiError {
     Unavailable(String),
     #[error("signing failed: {0}")]
     Signing(String),
+    #[error("too many requests in flight; shed")]
+    Overloaded,
+    #[error("request deadline passed")]
+    TimedOut,
 }
 
 impl From<Rejection> for ApiError {
     fn from(r: Rejection) -> Self {
         match r {
             Rejection::Invalid(why) => ApiError::InvalidKey(why),
-            Rejection::Unavailable(e) => ApiError::Unavailable(e.to_string()),
+            Rejection::Unavailable(why) => ApiError::Unavailable(why),
         }
     }
 }
@@ -53,6 +57,8 @@ impl ApiError {
             ApiError::InvalidKey(_) => (StatusCode::UNAUTHORIZED, "Invalid API key\n"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "Service unavailable, retry later\n"),
             ApiError::Signing(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Failed to generate token\n"),
+            ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "Server busy, retry later\n"),
+            ApiError::TimedOut => (StatusCode::SERVICE_UNAVAILABLE, "Request timed out, retry later\n"),
         }
     }
 }
@@ -67,7 +73,10 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-        if matches!(self, ApiError::Unavailable(_)) {
+        if matches!(
+            self,
+            ApiError::Unavailable(_) | ApiError::Overloaded | ApiError::TimedOut
+        ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         // The access log (one line per request) carries the detail.

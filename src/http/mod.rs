@@ -8,6 +8,7 @@
 mod error;
 mod health;
 mod jwks;
+mod limits;
 mod observe;
 mod ready;
 mod token;
@@ -25,6 +26,9 @@ pub use observe::{FailureDetail, Issued, REQUEST_ID};
 pub use ready::{FRESHNESS, PROBE_INTERVAL, ReadinessWindows, StoreHealth};
 pub use token::{DecodeError, decode_token_request};
 
+use tokio::sync::Semaphore;
+
+use crate::cache::{CacheSettings, Clock, KeyCache, SystemClock};
 use crate::metrics::Metrics;
 use crate::signing::KeySet;
 use crate::store::{Instrumented, Lookups};
@@ -35,60 +39,104 @@ use crate::validate::Validator;
 /// while keeping a flood of large bodies cheap to refuse (413).
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
 
-/// The current time; a function so tests can fix it.
-pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+/// The wall-clock time tokens are issued at; a function so tests can fix it.
+pub type WallClock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// How the service behaves; every field has a flag (see `config`).
+#[derive(Clone)]
+pub struct Settings {
+    /// Bound on one store call.
+    pub store_timeout: Duration,
+    pub readiness: ReadinessWindows,
+    pub cache: CacheSettings,
+    /// Time for TTLs; the system clock outside tests.
+    pub clock: Arc<dyn Clock>,
+    /// Deadline for one request, from its first body byte to its answer.
+    pub request_timeout: Duration,
+    /// Requests handled at once; more are refused with 503 at once.
+    pub max_in_flight: usize,
+    /// Time a client has to send a request's headers.
+    pub header_read_timeout: Duration,
+}
+
+/// Default deadline of a request: a store call, its retry, and signing,
+/// with room to spare.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time to send request headers; a real client needs milliseconds.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default limit on requests in flight: most of a request's time is spent
+/// waiting for the store, so each core can keep a few hundred going; beyond
+/// that, queueing only adds latency.
+pub fn default_max_in_flight() -> usize {
+    256 * std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            store_timeout: Duration::from_secs(2),
+            readiness: ReadinessWindows::default(),
+            cache: CacheSettings::default(),
+            clock: Arc::new(SystemClock),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_in_flight: default_max_in_flight(),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+        }
+    }
+}
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
     /// The signing key and the JWKS that publishes it.
     pub keys: Arc<KeySet>,
-    /// Checks presented API keys against the (instrumented) store.
+    /// Checks presented API keys against the (cached, instrumented) store.
     pub validator: Validator,
     /// Source of `iat`; the system clock outside tests.
-    pub clock: Clock,
+    pub clock: WallClock,
     /// Counters and histograms, served on the metrics port.
     pub metrics: Arc<Metrics>,
     /// Whether the store answers, for `/ready`.
     pub health: Arc<StoreHealth>,
+    /// Requests in flight; a permit per request.
+    pub in_flight: Arc<Semaphore>,
+    pub settings: Settings,
 }
 
 impl AppState {
-    /// Wires the request path: lookups go through a layer that measures
-    /// them and tells readiness that the store answered. `store_timeout`
-    /// bounds one store call.
-    pub fn new(keys: Arc<KeySet>, store: Arc<dyn Lookups>, store_timeout: Duration) -> Self {
-        Self::with_readiness(keys, store, store_timeout, ReadinessWindows::default())
-    }
-
-    /// [`AppState::new`], with readiness windows other than the defaults.
-    pub fn with_readiness(
-        keys: Arc<KeySet>,
-        store: Arc<dyn Lookups>,
-        store_timeout: Duration,
-        windows: ReadinessWindows,
-    ) -> Self {
+    /// Wires the request path: lookups go through the validation cache, then
+    /// a layer that measures them and tells readiness the store answered.
+    pub fn new(keys: Arc<KeySet>, store: Arc<dyn Lookups>, settings: Settings) -> Self {
         let metrics = Arc::new(Metrics::new());
         // A probe is one store call, which the store may retry once.
-        let probe_timeout = store_timeout * 2 + Duration::from_millis(500);
-        let health = Arc::new(StoreHealth::new(store.clone(), probe_timeout, windows));
+        let probe_timeout = settings.store_timeout * 2 + Duration::from_millis(500);
+        let health = Arc::new(StoreHealth::new(store.clone(), probe_timeout, settings.readiness));
         let instrumented = Arc::new(Instrumented::new(store, metrics.clone(), health.clone()));
+        let cache = Arc::new(KeyCache::new(settings.cache, settings.clock.clone(), metrics.clone()));
         Self {
             keys,
-            validator: Validator::new(instrumented.clone(), instrumented),
+            validator: Validator::new(instrumented.clone(), instrumented, cache),
             clock: Arc::new(SystemTime::now),
             metrics,
             health,
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
+            settings,
         }
     }
 }
 
 /// The complete API.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    // Work that can pile up is limited: requests in flight, and each
+    // request's time. Probes stay outside, so they answer under load.
+    let limited = Router::new()
         .route("/v0/token/autojoin", post(token::autojoin))
         .route("/v0/token/integration", post(token::integration))
         .route("/.well-known/jwks.json", get(jwks::jwks))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), limits::limits));
+    Router::new()
+        .merge(limited)
         // Any method, as in the Go service: load balancers differ in what
         // they send to a health check.
         .route("/health", any(health::health))

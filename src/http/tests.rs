@@ -100,7 +100,19 @@ fn fixture(alg: Algorithm) -> Fixture {
     store.autojoin.insert(autojoin.clone(), "mlab-org".into());
     let store = Arc::new(store);
     let (key, _) = SigningKey::generate(alg, None).unwrap();
-    let mut state = AppState::new(Arc::new(KeySet::new(key)), store.clone(), Duration::from_secs(1));
+    let settings = Settings {
+        store_timeout: Duration::from_secs(1),
+        // These tests are about the router: every lookup reaches the store.
+        // The cache has tests of its own, and the end-to-end suite runs both.
+        cache: crate::cache::CacheSettings {
+            ttl: Duration::ZERO,
+            negative_ttl: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            ..Default::default()
+        },
+        ..Settings::default()
+    };
+    let mut state = AppState::new(Arc::new(KeySet::new(key)), store.clone(), settings);
     state.clock = Arc::new(|| UNIX_EPOCH + Duration::from_millis(NOW * 1000 + 999));
     Fixture {
         store,
@@ -514,12 +526,17 @@ async fn ready_follows_the_store() {
         // Long enough that 20 quick calls fall within one interval.
         probe_interval: Duration::from_millis(400),
     };
-    let state = AppState::with_readiness(
-        f.state.keys.clone(),
-        f.store.clone(),
-        Duration::from_millis(100),
-        windows,
-    );
+    let settings = Settings {
+        store_timeout: Duration::from_millis(100),
+        readiness: windows,
+        // Every exchange must reach the store in this test.
+        cache: crate::cache::CacheSettings {
+            ttl: Duration::ZERO,
+            ..Default::default()
+        },
+        ..Settings::default()
+    };
+    let state = AppState::new(f.state.keys.clone(), f.store.clone(), settings);
     let ready = call(&state, Method::GET, "/ready", "").await;
     assert_eq!((ready.status, ready.text()), (StatusCode::OK, "ready\n"));
     assert_eq!(f.store.pings.load(Ordering::SeqCst), 1);

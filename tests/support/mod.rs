@@ -17,7 +17,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 use token_exchange::app::Application;
 use token_exchange::config::StoreArgs;
-use token_exchange::http::{AppState, ReadinessWindows};
+use token_exchange::http::{AppState, ReadinessWindows, Settings};
 use token_exchange::signing::{KeySet, SigningKey};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_token-exchange");
@@ -225,7 +225,15 @@ pub async fn spawn_app_with(ws: &Workspace, store_args: &StoreArgs) -> TestApp {
 
 /// The server on a store built by the test.
 pub async fn spawn_app_on(ws: &Workspace, store: Arc<dyn token_exchange::store::Store>) -> TestApp {
-    spawn_app_full(ws, store, ReadinessWindows::default()).await
+    spawn_app_full(store, ws, settings(ws)).await
+}
+
+/// The service's default settings, with the workspace's store timeout.
+pub fn settings(ws: &Workspace) -> Settings {
+    Settings {
+        store_timeout: ws.store_args.store_timeout,
+        ..Settings::default()
+    }
 }
 
 /// Readiness windows short enough for a test to wait out.
@@ -236,14 +244,23 @@ pub fn quick_readiness() -> ReadinessWindows {
     }
 }
 
-/// The server on a store built by the test, with given readiness windows.
+/// Settings whose cache runs on a clock the test moves.
+pub fn settings_with_clock(ws: &Workspace, clock: Arc<token_exchange::cache::ManualClock>) -> Settings {
+    Settings {
+        clock,
+        readiness: quick_readiness(),
+        ..settings(ws)
+    }
+}
+
+/// The server on a store built by the test, with given settings.
 pub async fn spawn_app_full(
-    ws: &Workspace,
     store: Arc<dyn token_exchange::store::Store>,
-    windows: ReadinessWindows,
+    ws: &Workspace,
+    settings: Settings,
 ) -> TestApp {
     let key = SigningKey::load(&ws.key_path).unwrap();
-    let state = AppState::with_readiness(Arc::new(KeySet::new(key)), store, ws.store_args.store_timeout, windows);
+    let state = AppState::new(Arc::new(KeySet::new(key)), store, settings);
     let loopback = "127.0.0.1:0".parse().unwrap();
     let app = Application::build(loopback, loopback, state).await.unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());

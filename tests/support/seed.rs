@@ -157,6 +157,27 @@ impl Seeder {
         format!("mlabk.cii_{int_id}.{key_id}.{secret}")
     }
 
+    /// Changes a key's status in place, as an operator editing the store
+    /// would (revoking it, say).
+    pub async fn set_status(&self, int_id: &str, key_id: &str, secret: &str, status: &str) {
+        match self.backend {
+            Backend::Sqlite => {
+                let pool = self.sqlite().await;
+                sqlx::query("UPDATE integration_keys SET status = $1 WHERE integration_id = $2 AND key_id = $3")
+                    .bind(status)
+                    .bind(int_id)
+                    .bind(key_id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            Backend::Datastore => {
+                // Rewritten whole, as the Go programs' Put does.
+                self.integration_key(int_id, key_id, secret, status, Some(0)).await;
+            }
+        }
+    }
+
     /// An organization; `multiplier: None` stores a null, as older entities have.
     pub async fn org(&self, name: &str, multiplier: Option<f64>) {
         match self.backend {

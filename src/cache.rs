@@ -1,0 +1,451 @@
+//! The validation cache in front of every store.
+//!
+//! A busy integration asks for a token per speed test; without a cache each
+//! of those is a store read, and each store hiccup a failed test. With it:
+//!
+//! - A valid key is remembered for `ttl` (`--key-cache-ttl`). That is the
+//!   longest a revoked key keeps working.
+//! - A key the store refused (unknown, inactive, wrong secret) is remembered
+//!   for `negative_ttl`, so repeating a made-up key does not repeat reads.
+//! - Entries are keyed by the SHA-256 of the whole presented key: no
+//!   plaintext is kept, and a wrong secret is a different entry from the
+//!   right one. Refusals live in their own, smaller LRU, so a flood of
+//!   made-up keys can only evict other refusals, never a valid key.
+//! - Concurrent requests for one uncached key share one store call.
+//! - When the store fails, a valid entry that expired less than
+//!   `stale_if_error` ago still answers ("stale"); otherwise the caller gets
+//!   503. A store failure never becomes a refusal.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use tokio::sync::OnceCell;
+
+use crate::claims::Principal;
+use crate::metrics::Metrics;
+use crate::store::StoreError;
+
+/// A monotonic clock, so tests can move time instead of sleeping.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+}
+
+/// The real clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A clock that moves only when told to.
+pub struct ManualClock {
+    start: Instant,
+    offset_nanos: AtomicU64,
+}
+
+impl ManualClock {
+    pub fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            offset_nanos: AtomicU64::new(0),
+        }
+    }
+
+    pub fn advance(&self, by: Duration) {
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.offset_nanos.fetch_add(nanos, Ordering::SeqCst);
+    }
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        self.start + Duration::from_nanos(self.offset_nanos.load(Ordering::SeqCst))
+    }
+}
+
+/// How long verdicts are kept, and how many.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    /// How long a valid key is trusted without asking the store again.
+    pub ttl: Duration,
+    /// How long a refused key is refused without asking the store again.
+    pub negative_ttl: Duration,
+    /// Entries at most, valid and refused together.
+    pub capacity: usize,
+    /// How long after expiry a valid entry may still answer while the
+    /// store is failing.
+    pub stale_if_error: Duration,
+}
+
+/// Revoking a key takes effect within this; short enough for an incident,
+/// long enough that a busy key costs one store read per half minute.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+/// Made-up keys repeated in a flood cost one read per 5 s each.
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// At roughly 200 bytes an entry, about 20 MiB when full.
+pub const DEFAULT_CAPACITY: usize = 100_000;
+/// Rides out a store outage of a few minutes for keys seen recently.
+pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            ttl: DEFAULT_TTL,
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
+            capacity: DEFAULT_CAPACITY,
+            stale_if_error: DEFAULT_STALE_IF_ERROR,
+        }
+    }
+}
+
+/// What the store said about a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Valid(Principal),
+    /// Refused; the reason is for the log and never names the key.
+    Invalid(String),
+}
+
+/// SHA-256 of a presented key, with a prefix per key kind.
+pub type CacheKey = [u8; 32];
+
+pub fn cache_key(kind: u8, presented: &str) -> CacheKey {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(&[kind, 0]);
+    ctx.update(presented.as_bytes());
+    let digest = ctx.finish();
+    let mut key = [0u8; 32];
+    key.copy_from_slice(digest.as_ref());
+    key
+}
+
+struct Entry {
+    verdict: Verdict,
+    fresh_until: Instant,
+    /// Until when it may answer while the store fails (valid entries only).
+    stale_until: Instant,
+}
+
+/// A store call shared by concurrent requests for the same key.
+type Flight = Arc<OnceCell<Result<Verdict, String>>>;
+
+pub struct KeyCache {
+    settings: CacheSettings,
+    clock: Arc<dyn Clock>,
+    valid: Mutex<LruCache<CacheKey, Entry>>,
+    refused: Mutex<LruCache<CacheKey, Entry>>,
+    in_flight: Mutex<HashMap<CacheKey, Flight>>,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves a consistent map
+    // (every operation is a single insert, get or remove).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A failure to validate: the store failed and nothing stale could answer.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+impl KeyCache {
+    pub fn new(settings: CacheSettings, clock: Arc<dyn Clock>, metrics: Arc<Metrics>) -> Self {
+        // A quarter for refusals: enough to absorb a flood of made-up keys,
+        // while valid keys keep most of the room.
+        let refused = (settings.capacity / 4).max(1);
+        let valid = settings.capacity.saturating_sub(refused).max(1);
+        let size = |n: usize| NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN);
+        Self {
+            settings,
+            clock,
+            valid: Mutex::new(LruCache::new(size(valid))),
+            refused: Mutex::new(LruCache::new(size(refused))),
+            in_flight: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    fn count(&self, result: &str) {
+        self.metrics.key_cache.with_label_values(&[result]).inc();
+    }
+
+    /// The verdict for `key`: from the cache while fresh, else from
+    /// `lookup` (shared with concurrent callers for the same key).
+    pub async fn verdict<F, Fut>(&self, key: CacheKey, lookup: F) -> Result<Verdict, Unavailable>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Verdict, StoreError>>,
+    {
+        let now = self.clock.now();
+        if let Some(entry) = lock(&self.valid).get(&key).filter(|e| now < e.fresh_until) {
+            self.count("hit");
+            return Ok(entry.verdict.clone());
+        }
+        if let Some(entry) = lock(&self.refused).get(&key).filter(|e| now < e.fresh_until) {
+            self.count("negative_hit");
+            return Ok(entry.verdict.clone());
+        }
+
+        let flight = lock(&self.in_flight).entry(key).or_default().clone();
+        let ran_lookup = AtomicBool::new(false);
+        let outcome = flight
+            .get_or_init(|| async {
+                ran_lookup.store(true, Ordering::Relaxed);
+                let result = lookup().await;
+                if let Ok(verdict) = &result {
+                    self.remember(key, verdict);
+                }
+                // Later callers must ask the store again, not reuse this.
+                let mut in_flight = lock(&self.in_flight);
+                if in_flight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                    in_flight.remove(&key);
+                }
+                result.map_err(|e| e.to_string())
+            })
+            .await
+            .clone();
+        self.count(if ran_lookup.load(Ordering::Relaxed) {
+            "miss"
+        } else {
+            "coalesced"
+        });
+
+        match outcome {
+            Ok(verdict) => Ok(verdict),
+            Err(why) => {
+                let now = self.clock.now();
+                if let Some(entry) = lock(&self.valid).get(&key).filter(|e| now < e.stale_until) {
+                    self.count("stale");
+                    tracing::warn!(error = %why, "store failed; answering from an expired cache entry");
+                    return Ok(entry.verdict.clone());
+                }
+                Err(Unavailable(why))
+            }
+        }
+    }
+
+    fn remember(&self, key: CacheKey, verdict: &Verdict) {
+        let now = self.clock.now();
+        match verdict {
+            Verdict::Valid(_) => {
+                lock(&self.refused).pop(&key);
+                let fresh_until = now + self.settings.ttl;
+                lock(&self.valid).put(
+                    key,
+                    Entry {
+                        verdict: verdict.clone(),
+                        fresh_until,
+                        stale_until: fresh_until + self.settings.stale_if_error,
+                    },
+                );
+            }
+            Verdict::Invalid(_) => {
+                // A key the store now refuses (revoked) must not answer
+                // from a stale valid entry later.
+                lock(&self.valid).pop(&key);
+                let fresh_until = now + self.settings.negative_ttl;
+                lock(&self.refused).put(
+                    key,
+                    Entry {
+                        verdict: verdict.clone(),
+                        fresh_until,
+                        stale_until: fresh_until,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Entries held: (valid, refused).
+    pub fn len(&self) -> (usize, usize) {
+        (lock(&self.valid).len(), lock(&self.refused).len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn valid(org: &str) -> Verdict {
+        Verdict::Valid(Principal::Autojoin { org: org.into() })
+    }
+
+    struct Fixture {
+        cache: Arc<KeyCache>,
+        clock: Arc<ManualClock>,
+        metrics: Arc<Metrics>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    fn fixture(capacity: usize) -> Fixture {
+        let clock = Arc::new(ManualClock::new());
+        let metrics = Arc::new(Metrics::new());
+        let settings = CacheSettings {
+            capacity,
+            ..CacheSettings::default()
+        };
+        Fixture {
+            cache: Arc::new(KeyCache::new(settings, clock.clone(), metrics.clone())),
+            clock,
+            metrics,
+            calls: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    impl Fixture {
+        async fn ask(&self, key: &str, answer: Result<Verdict, &str>) -> Result<Verdict, Unavailable> {
+            let calls = self.calls.clone();
+            self.cache
+                .verdict(cache_key(b'a', key), || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    answer.map_err(|e| StoreError::Unavailable(e.into()))
+                })
+                .await
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+
+        fn counted(&self, result: &str) -> u64 {
+            self.metrics.key_cache.with_label_values(&[result]).get()
+        }
+    }
+
+    #[tokio::test]
+    async fn valid_entries_live_for_the_ttl() {
+        let f = fixture(100);
+        for _ in 0..1000 {
+            assert_eq!(f.ask("k", Ok(valid("o"))).await.unwrap(), valid("o"));
+        }
+        assert_eq!(f.calls(), 1);
+        assert_eq!((f.counted("miss"), f.counted("hit")), (1, 999));
+        f.clock.advance(DEFAULT_TTL - Duration::from_millis(1));
+        f.ask("k", Ok(valid("o"))).await.unwrap();
+        assert_eq!(f.calls(), 1);
+        f.clock.advance(Duration::from_millis(1));
+        f.ask("k", Ok(valid("o"))).await.unwrap();
+        assert_eq!(f.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn refusals_live_for_the_negative_ttl_and_never_displace_valid_keys() {
+        let f = fixture(8);
+        f.ask("right", Ok(valid("o"))).await.unwrap();
+        for i in 0..1000 {
+            let verdict = f
+                .ask(&format!("wrong-{i}"), Ok(Verdict::Invalid("no".into())))
+                .await
+                .unwrap();
+            assert!(matches!(verdict, Verdict::Invalid(_)));
+        }
+        let (valid_len, refused_len) = f.cache.len();
+        assert_eq!((valid_len, refused_len), (1, 2));
+        let calls = f.calls();
+        // The right key is still cached, and still valid.
+        assert_eq!(f.ask("right", Err("must not be asked")).await.unwrap(), valid("o"));
+        assert_eq!(f.calls(), calls);
+        // A repeated refusal is answered from the cache until it expires.
+        f.ask("wrong-999", Err("must not be asked")).await.unwrap();
+        assert_eq!(f.counted("negative_hit"), 1);
+        f.clock.advance(DEFAULT_NEGATIVE_TTL);
+        f.ask("wrong-999", Ok(Verdict::Invalid("no".into()))).await.unwrap();
+        assert_eq!(f.calls(), calls + 1);
+    }
+
+    #[tokio::test]
+    async fn a_key_refused_later_loses_its_valid_entry() {
+        let f = fixture(100);
+        f.ask("k", Ok(valid("o"))).await.unwrap();
+        f.clock.advance(DEFAULT_TTL);
+        assert!(matches!(
+            f.ask("k", Ok(Verdict::Invalid("revoked".into()))).await,
+            Ok(Verdict::Invalid(_))
+        ));
+        // Not served stale while the store is down: it was revoked.
+        f.clock.advance(DEFAULT_NEGATIVE_TTL);
+        assert!(f.ask("k", Err("down")).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn stale_if_error_within_the_window_only() {
+        let f = fixture(100);
+        f.ask("k", Ok(valid("o"))).await.unwrap();
+        f.clock
+            .advance(DEFAULT_TTL + DEFAULT_STALE_IF_ERROR - Duration::from_secs(1));
+        assert_eq!(f.ask("k", Err("down")).await.unwrap(), valid("o"));
+        assert_eq!(f.counted("stale"), 1);
+        f.clock.advance(Duration::from_secs(1));
+        assert!(f.ask("k", Err("down")).await.is_err());
+        // Never seen: 503, not a refusal.
+        assert!(f.ask("other", Err("down")).await.is_err());
+        // The store is back.
+        assert_eq!(f.ask("k", Ok(valid("o"))).await.unwrap(), valid("o"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_share_one_lookup() {
+        let f = Arc::new(fixture(100));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let (f, mut released) = (f.clone(), released.clone());
+                tokio::spawn(async move {
+                    let calls = f.calls.clone();
+                    f.cache
+                        .verdict(cache_key(b'a', "shared"), || async move {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            let _ = released.wait_for(|r| *r).await;
+                            Ok(valid("o"))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        // Hold the one lookup until every task shares it (bounded wait):
+        // the map holds one reference and each waiting task another.
+        let sharing = || {
+            let in_flight = f.cache.in_flight.lock().unwrap();
+            in_flight.get(&cache_key(b'a', "shared")).map_or(0, Arc::strong_count)
+        };
+        for _ in 0..1000 {
+            if sharing() == 101 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(sharing(), 101, "all 100 requests wait on one lookup");
+        release.send(true).unwrap();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), valid("o"));
+        }
+        assert_eq!(f.calls(), 1);
+        assert_eq!(f.counted("miss"), 1);
+        assert_eq!(f.counted("coalesced") + f.counted("hit"), 99);
+    }
+
+    #[test]
+    fn keys_depend_on_kind_and_whole_key() {
+        assert_ne!(cache_key(b'a', "k"), cache_key(b'i', "k"));
+        assert_ne!(
+            cache_key(b'i', "mlabk.cii_a.ki_b.s1"),
+            cache_key(b'i', "mlabk.cii_a.ki_b.s2")
+        );
+    }
+}

@@ -1,0 +1,193 @@
+//! Request limits over real sockets: body size, request deadline, header
+//! read timeout, and load shedding.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Workspace, settings, spawn_app_full};
+use token_exchange::http::Settings;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+async fn app(ws: &Workspace, settings: Settings) -> support::TestApp {
+    let store = token_exchange::store::open(&ws.store_args).await.unwrap();
+    spawn_app_full(store, ws, settings).await
+}
+
+fn addr(app: &support::TestApp) -> String {
+    app.base.trim_start_matches("http://").to_owned()
+}
+
+/// Reads what the server sends until it closes or `limit` passes.
+async fn read_response(conn: &mut TcpStream, limit: Duration) -> String {
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(limit, conn.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn post_head(len: usize) -> String {
+    format!("POST /v0/token/integration HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n")
+}
+
+#[tokio::test]
+async fn a_huge_body_is_413_without_being_read_and_the_server_keeps_serving() {
+    let ws = Workspace::new("EdDSA");
+    let key = ws.integration_key("big", &[]);
+    let app = app(&ws, settings(&ws)).await;
+
+    // Declared size over the limit: refused from the headers alone.
+    let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+    conn.write_all(post_head(1 << 20).as_bytes()).await.unwrap();
+    let response = read_response(&mut conn, Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.ends_with("Request body too large\n"), "{response}");
+
+    // Chunked, no declared size: refused once 4 KiB have arrived.
+    let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+    conn.write_all(
+        b"POST /v0/token/integration HTTP/1.1\r\nHost: t\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", 1024, "x".repeat(1024));
+    let mut sent = 0;
+    for _ in 0..1024 {
+        if conn.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+        sent += 1024;
+        if sent > 64 * 1024 {
+            break;
+        }
+    }
+    let response = read_response(&mut conn, Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+
+    // A 1 MiB body through a normal client, then a normal request.
+    let big = format!(r#"{{"api_key":"{key}","pad":"{}"}}"#, "p".repeat(1 << 20));
+    let status = app
+        .client
+        .post(format!("{}/v0/token/integration", app.base))
+        .body(big)
+        .send()
+        .await;
+    if let Ok(r) = status {
+        assert_eq!(r.status(), 413);
+    } // else: the server closed the connection while the client was still sending.
+    assert_eq!(app.status("integration", &key).await, 200);
+}
+
+#[tokio::test]
+async fn a_request_past_its_deadline_is_503() {
+    let ws = Workspace::new("EdDSA");
+    let key = ws.integration_key("slow", &[]);
+    let app = app(
+        &ws,
+        Settings {
+            request_timeout: Duration::from_millis(500),
+            ..settings(&ws)
+        },
+    )
+    .await;
+    let body = format!(r#"{{"api_key":"{key}"}}"#);
+    let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+    conn.write_all(post_head(body.len()).as_bytes()).await.unwrap();
+    conn.write_all(&body.as_bytes()[..5]).await.unwrap();
+    let started = Instant::now();
+    let response = read_response(&mut conn, Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.contains("retry-after: 1"), "{response}");
+    assert!(response.ends_with("Request timed out, retry later\n"), "{response}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert_eq!(app.status("integration", &key).await, 200);
+}
+
+#[tokio::test]
+async fn a_client_trickling_headers_is_disconnected() {
+    let ws = Workspace::new("EdDSA");
+    let app = app(
+        &ws,
+        Settings {
+            header_read_timeout: Duration::from_secs(2),
+            ..settings(&ws)
+        },
+    )
+    .await;
+    let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+    let started = Instant::now();
+    let head =
+        b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut closed_after = None;
+    // One byte a second: at most 8 s, far beyond the 2 s timeout.
+    for byte in head.iter().take(8) {
+        if conn.write_all(&[*byte]).await.is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        let mut probe = [0u8; 256];
+        match tokio::time::timeout(Duration::from_secs(1), conn.read(&mut probe)).await {
+            // Closed (0 bytes) or reset, or an error response then close.
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    let closed_after = closed_after.expect("the server closed the connection");
+    assert!(closed_after < Duration::from_secs(4), "closed after {closed_after:?}");
+    assert!(
+        closed_after >= Duration::from_millis(1500),
+        "closed too early: {closed_after:?}"
+    );
+    assert_eq!(app.get_status("/health").await, 200);
+}
+
+#[tokio::test]
+async fn requests_beyond_max_in_flight_are_shed_with_503() {
+    let ws = Workspace::new("EdDSA");
+    let key = ws.integration_key("busy", &[]);
+    let app = app(
+        &ws,
+        Settings {
+            max_in_flight: 2,
+            request_timeout: Duration::from_secs(30),
+            ..settings(&ws)
+        },
+    )
+    .await;
+    let body = format!(r#"{{"api_key":"{key}"}}"#);
+    // Ten slow requests: headers and the start of the body, then a pause.
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+        conn.write_all(post_head(body.len()).as_bytes()).await.unwrap();
+        conn.write_all(&body.as_bytes()[..5]).await.unwrap();
+        conns.push(conn);
+        // In order, so the first two are the ones holding the slots.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut shed = 0;
+    let mut waiting = Vec::new();
+    for mut conn in conns {
+        let response = read_response(&mut conn, Duration::from_millis(300)).await;
+        if response.starts_with("HTTP/1.1 503") {
+            assert!(response.ends_with("Server busy, retry later\n"), "{response}");
+            shed += 1;
+        } else {
+            assert!(response.is_empty(), "{response}");
+            waiting.push(conn);
+        }
+    }
+    assert_eq!((shed, waiting.len()), (8, 2));
+    // Probes are not limited.
+    assert_eq!(app.get_status("/health").await, 200);
+    // The two in flight finish normally.
+    for mut conn in waiting {
+        conn.write_all(&body.as_bytes()[5..]).await.unwrap();
+        let response = read_response(&mut conn, Duration::from_secs(5)).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+    assert_eq!(app.status("integration", &key).await, 200);
+}
