@@ -60,6 +60,11 @@ const SECRET_BYTES: usize = 32;
 /// within one integration (and a collision is refused by the store anyway).
 const KEY_ID_BYTES: usize = 8;
 
+/// Hex digits of an autojoin key's SHA-256 shown as its fingerprint: 48
+/// bits, enough to tell an organization's keys apart, useless for finding
+/// the key.
+pub const FINGERPRINT_LEN: usize = 12;
+
 /// Longest autojoin key we will look up. Generated keys are 43 bytes; the
 /// bound only keeps absurd inputs away from the store.
 pub const MAX_AUTOJOIN_KEY_LEN: usize = 300;
@@ -266,7 +271,7 @@ impl AutojoinApiKey {
     /// A short, non-reversible name for the key, safe to show and to log.
     pub fn fingerprint(&self) -> String {
         let mut hash = self.0.sha256_hex();
-        hash.truncate(12);
+        hash.truncate(FINGERPRINT_LEN);
         hash
     }
 }

@@ -43,6 +43,9 @@ pub enum Command {
     /// Manage client integrations and their API keys.
     #[command(subcommand)]
     Integration(IntegrationCommand),
+    /// Revoke, re-activate, re-tier, rotate or delete one integration key.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Manage autojoin organizations and their API keys.
     #[command(subcommand)]
     Autojoin(AutojoinCommand),
@@ -205,6 +208,74 @@ pub enum IntegrationCommand {
     /// Create a key for an integration, creating the integration if needed.
     /// Prints the API key; it cannot be shown again.
     Create(IntegrationCreateArgs),
+    /// List the integrations.
+    List(ListArgs),
+    /// Show an integration's keys (never their secrets or hashes).
+    Show(IntegrationRef),
+    /// Delete an integration and all its keys.
+    Delete(IntegrationRef),
+}
+
+/// A command that only reads a list.
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct IntegrationRef {
+    /// Integration ID, without the `cii_` prefix.
+    #[arg(long)]
+    pub integration_id: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Refuse the key from now on (within the servers' cache TTL).
+    Revoke(KeyRef),
+    /// Accept a revoked key again.
+    Activate(KeyRef),
+    /// Change the key's tier (the `tier` claim).
+    SetTier(SetTierArgs),
+    /// Delete the key.
+    Delete(KeyRef),
+    /// Create a new active key with the same tier and description, and print
+    /// it once. The old key stays active until revoked, so the customer can
+    /// switch over.
+    Rotate(KeyRef),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeyRef {
+    /// Integration ID, without the `cii_` prefix.
+    #[arg(long)]
+    pub integration_id: String,
+    /// Key ID, with its `ki_` prefix.
+    #[arg(long)]
+    pub key_id: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SetTierArgs {
+    #[command(flatten)]
+    pub key: KeyRef,
+    /// The new tier.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+    pub tier: i64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -238,6 +309,36 @@ pub enum AutojoinCommand {
     /// Create an API key for an existing organization. Prints the key; it
     /// cannot be shown again.
     CreateKey(CreateKeyArgs),
+    /// List the organizations.
+    ListOrgs(ListArgs),
+    /// List an organization's keys, by fingerprint (never the key).
+    ListKeys(OrgRef),
+    /// Delete one key of an organization, named by its fingerprint.
+    DeleteKey(DeleteAutojoinKeyArgs),
+    /// Delete an organization and all its keys.
+    DeleteOrg(OrgRef),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OrgRef {
+    /// Organization name.
+    #[arg(long)]
+    pub org: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DeleteAutojoinKeyArgs {
+    #[command(flatten)]
+    pub org: OrgRef,
+    /// The key's fingerprint as `autojoin list-keys` shows it (at least 8
+    /// hex digits).
+    #[arg(long)]
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Clone, Args)]

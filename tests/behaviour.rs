@@ -44,6 +44,8 @@ for_each_backend!(
     made_up_secrets_never_displace_the_real_key,
     concurrent_requests_for_an_uncached_key_share_one_lookup,
     store_outages_serve_recent_keys_then_503_and_recover,
+    the_key_lifecycle_from_the_cli,
+    the_autojoin_lifecycle_from_the_cli,
 );
 
 fn verify(token: &str, jwks: &jsonwebtoken::jwk::JwkSet, alg: Algorithm, audience: &str) -> Value {
@@ -833,4 +835,264 @@ async fn store_outages_serve_recent_keys_then_503_and_recover(backend: Backend) 
     }
     assert_eq!(app.status("integration", &recent).await, 200);
     assert_eq!(app.get_status("/ready").await, 200);
+}
+
+/// Runs an admin command that must fail; returns its stderr.
+fn admin_fails(ws: &Workspace, args: &[&str]) -> String {
+    let out = ws.admin(args);
+    assert!(
+        !out.status.success(),
+        "{args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{args:?} printed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+async fn the_key_lifecycle_from_the_cli(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let first = ws.integration_key(
+        "life",
+        &[
+            "--key-id",
+            "ki_one",
+            "--tier",
+            "1",
+            "--key-description",
+            "first",
+            "--integration-description",
+            "Life Inc",
+        ],
+    );
+    let second = ws.integration_key("life", &["--key-id", "ki_two"]);
+    let (app, clock) = app_with_clock(&ws).await;
+    let jwks = app.jwks().await;
+    let tier_of = |token: &str| {
+        verify(token, &jwks, Algorithm::EdDSA, "integration")["tier"]
+            .as_i64()
+            .unwrap()
+    };
+
+    let list = ws.admin_json(&["integration", "list"]);
+    let life = list["integrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["integration_id"] == "life")
+        .unwrap();
+    assert_eq!(life["description"], "Life Inc");
+
+    let show = ws.admin_json(&["integration", "show", "--integration-id", "life"]);
+    let keys = show["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(
+        claim_names(&keys[0]),
+        ["created_at", "description", "key_id", "status", "tier"]
+    );
+    assert_eq!(
+        (
+            keys[0]["key_id"].as_str(),
+            keys[0]["status"].as_str(),
+            keys[0]["tier"].as_i64()
+        ),
+        (Some("ki_one"), Some("active"), Some(1))
+    );
+    let text = String::from_utf8(ws.admin(&["integration", "show", "--integration-id", "life"]).stdout).unwrap();
+    assert!(text.starts_with("KEY") && text.contains("ki_two"), "{text}");
+    for secret in [&first, &second] {
+        let s = secret.rsplit('.').next().unwrap();
+        assert!(!text.contains(s) && !show.to_string().contains(s), "a secret is shown");
+    }
+
+    // Tier: the next token (after the cache TTL) carries the new tier.
+    assert_eq!(tier_of(&app.token("integration", &first).await), 1);
+    ws.admin_json(&[
+        "key",
+        "set-tier",
+        "--integration-id",
+        "life",
+        "--key-id",
+        "ki_one",
+        "--tier",
+        "3",
+    ]);
+    clock.advance(DEFAULT_TTL);
+    assert_eq!(tier_of(&app.token("integration", &first).await), 3);
+
+    // Revoke, then activate again.
+    let v = ws.admin_json(&["key", "revoke", "--integration-id", "life", "--key-id", "ki_one"]);
+    assert_eq!(v["status"], "revoked");
+    clock.advance(DEFAULT_TTL);
+    assert_eq!(app.status("integration", &first).await, 401);
+    ws.admin_json(&["key", "activate", "--integration-id", "life", "--key-id", "ki_one"]);
+    clock.advance(DEFAULT_TTL);
+    assert_eq!(app.status("integration", &first).await, 200);
+
+    // Rotate: a second working key with the same tier and description; the
+    // old one keeps working until revoked.
+    let rotated = ws.admin_json(&["key", "rotate", "--integration-id", "life", "--key-id", "ki_one"]);
+    assert_eq!(rotated["replaces"], "ki_one");
+    let new_key = rotated["api_key"].as_str().unwrap();
+    let new_id = rotated["key_id"].as_str().unwrap();
+    assert_ne!(new_id, "ki_one");
+    assert_eq!(tier_of(&app.token("integration", new_key).await), 3);
+    assert_eq!(app.status("integration", &first).await, 200);
+    let show = ws.admin_json(&["integration", "show", "--integration-id", "life"]);
+    let new_info = show["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == new_id)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (new_info["tier"].as_i64(), new_info["description"].as_str()),
+        (Some(3), Some("first"))
+    );
+
+    // Delete one key.
+    ws.admin_json(&["key", "delete", "--integration-id", "life", "--key-id", "ki_two"]);
+    clock.advance(DEFAULT_TTL);
+    assert_eq!(app.status("integration", &second).await, 401);
+
+    // Anything that does not exist: an error, and nothing changes.
+    for args in [
+        &["integration", "show", "--integration-id", "nobody"][..],
+        &["integration", "delete", "--integration-id", "nobody"],
+        &["key", "revoke", "--integration-id", "life", "--key-id", "ki_two"],
+        &["key", "activate", "--integration-id", "nobody", "--key-id", "ki_one"],
+        &[
+            "key",
+            "set-tier",
+            "--integration-id",
+            "life",
+            "--key-id",
+            "ki_none",
+            "--tier",
+            "2",
+        ],
+        &["key", "delete", "--integration-id", "life", "--key-id", "ki_two"],
+        &["key", "rotate", "--integration-id", "life", "--key-id", "ki_none"],
+    ] {
+        assert!(admin_fails(&ws, args).contains("does not exist"), "{args:?}");
+    }
+    let show = ws.admin_json(&["integration", "show", "--integration-id", "life"]);
+    assert_eq!(show["keys"].as_array().unwrap().len(), 2);
+
+    // Delete the integration with its keys.
+    let deleted = ws.admin_json(&["integration", "delete", "--integration-id", "life"]);
+    assert_eq!(deleted["deleted_keys"], 2);
+    clock.advance(DEFAULT_TTL);
+    assert_eq!(app.status("integration", new_key).await, 401);
+    assert!(admin_fails(&ws, &["integration", "show", "--integration-id", "life"]).contains("does not exist"));
+    let list = ws.admin_json(&["integration", "list"]);
+    assert!(
+        list["integrations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["integration_id"] != "life")
+    );
+}
+
+async fn the_autojoin_lifecycle_from_the_cli(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let first = ws.autojoin_key("lifeorg");
+    let second = ws.admin_json(&["autojoin", "create-key", "--org", "lifeorg"])["api_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (app, clock) = app_with_clock(&ws).await;
+
+    let orgs = ws.admin_json(&["autojoin", "list-orgs"]);
+    let org = orgs["organizations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["org"] == "lifeorg")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (org["email"].as_str(), org["probability_multiplier"].as_f64()),
+        (Some("ops@example.org"), Some(1.0))
+    );
+
+    let listed = ws.admin_json(&["autojoin", "list-keys", "--org", "lifeorg"]);
+    let keys = listed["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    let text = listed.to_string()
+        + &String::from_utf8(ws.admin(&["autojoin", "list-keys", "--org", "lifeorg"]).stdout).unwrap();
+    assert!(!text.contains(&first) && !text.contains(&second), "a key is shown");
+    let fingerprint_of = |key: &str| {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.as_bytes());
+        digest.as_ref()[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let fingerprints: Vec<&str> = keys.iter().map(|k| k["fingerprint"].as_str().unwrap()).collect();
+    assert!(fingerprints.contains(&fingerprint_of(&first).as_str()));
+
+    assert!(
+        admin_fails(
+            &ws,
+            &["autojoin", "delete-key", "--org", "lifeorg", "--fingerprint", "abc"]
+        )
+        .contains("fingerprint")
+    );
+    assert!(
+        admin_fails(
+            &ws,
+            &[
+                "autojoin",
+                "delete-key",
+                "--org",
+                "lifeorg",
+                "--fingerprint",
+                "0000000000ff"
+            ]
+        )
+        .contains("does not exist")
+    );
+    assert!(
+        admin_fails(
+            &ws,
+            &[
+                "autojoin",
+                "delete-key",
+                "--org",
+                "nobody",
+                "--fingerprint",
+                &fingerprint_of(&first)
+            ]
+        )
+        .contains("does not exist")
+    );
+    assert_eq!(app.status("autojoin", &first).await, 200);
+    ws.admin_json(&[
+        "autojoin",
+        "delete-key",
+        "--org",
+        "lifeorg",
+        "--fingerprint",
+        &fingerprint_of(&first),
+    ]);
+    clock.advance(DEFAULT_TTL);
+    assert_eq!(app.status("autojoin", &first).await, 401);
+    assert_eq!(app.status("autojoin", &second).await, 200);
+
+    assert!(admin_fails(&ws, &["autojoin", "delete-org", "--org", "nobody"]).contains("does not exist"));
+    let deleted = ws.admin_json(&["autojoin", "delete-org", "--org", "lifeorg"]);
+    assert_eq!(deleted["deleted_keys"], 1);
+    clock.advance(DEFAULT_TTL);
+    assert_eq!(app.status("autojoin", &second).await, 401);
+    assert!(admin_fails(&ws, &["autojoin", "list-keys", "--org", "lifeorg"]).contains("does not exist"));
 }

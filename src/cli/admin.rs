@@ -11,7 +11,7 @@ use crate::api_key::{self, AutojoinApiKey, IntegrationApiKey, KEY_ID_PREFIX};
 use crate::config::{CreateKeyArgs, CreateOrgArgs, IntegrationCreateArgs, StoreArgs};
 use crate::store::{self, NewIntegrationKey, Store};
 
-async fn open(args: &StoreArgs) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+pub(super) async fn open(args: &StoreArgs) -> anyhow::Result<std::sync::Arc<dyn Store>> {
     Ok(store::open(args).await?)
 }
 

@@ -3,6 +3,7 @@
 
 mod admin;
 mod keygen;
+mod lifecycle;
 mod serve;
 
 use crate::config::{AutojoinCommand, Cli, Command, IntegrationCommand};
@@ -13,7 +14,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args).await,
         Command::Keygen(args) => keygen::run(&args),
         Command::Integration(IntegrationCommand::Create(args)) => admin::integration_create(&args).await,
+        Command::Integration(IntegrationCommand::List(args)) => lifecycle::integration_list(&args).await,
+        Command::Integration(IntegrationCommand::Show(args)) => lifecycle::integration_show(&args).await,
+        Command::Integration(IntegrationCommand::Delete(args)) => lifecycle::integration_delete(&args).await,
+        Command::Key(command) => lifecycle::key(&command).await,
         Command::Autojoin(AutojoinCommand::CreateOrg(args)) => admin::autojoin_create_org(&args).await,
         Command::Autojoin(AutojoinCommand::CreateKey(args)) => admin::autojoin_create_key(&args).await,
+        Command::Autojoin(AutojoinCommand::ListOrgs(args)) => lifecycle::autojoin_list_orgs(&args).await,
+        Command::Autojoin(AutojoinCommand::ListKeys(args)) => lifecycle::autojoin_list_keys(&args).await,
+        Command::Autojoin(AutojoinCommand::DeleteKey(args)) => lifecycle::autojoin_delete_key(&args).await,
+        Command::Autojoin(AutojoinCommand::DeleteOrg(args)) => lifecycle::autojoin_delete_org(&args).await,
     }
 }

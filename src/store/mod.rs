@@ -67,6 +67,9 @@ pub enum StoreError {
     /// An admin operation refers to something that does not exist.
     #[error("{0} does not exist")]
     NotFound(String),
+    /// A prefix matched more than one thing.
+    #[error("{0}")]
+    Ambiguous(String),
     /// The `--store` setting names no backend we have.
     #[error("{0}")]
     Config(String),
@@ -108,6 +111,110 @@ pub trait Admin: Send + Sync {
     /// Adds a key to an existing organization; `NotFound` if there is none.
     async fn create_autojoin_key(&self, org: &str, key: &AutojoinApiKey, now: OffsetDateTime)
     -> Result<(), StoreError>;
+
+    /// Every integration, by ID.
+    async fn list_integrations(&self) -> Result<Vec<IntegrationInfo>, StoreError>;
+
+    /// The keys of an integration, by key ID; `NotFound` if it does not exist.
+    async fn list_integration_keys(&self, integration_id: &str) -> Result<Vec<KeyInfo>, StoreError>;
+
+    /// One key; `NotFound` if it (or its integration) does not exist.
+    async fn get_integration_key(&self, integration_id: &str, key_id: &str) -> Result<KeyInfo, StoreError>;
+
+    /// Deletes an integration and all its keys; `NotFound` if it does not exist.
+    async fn delete_integration(&self, integration_id: &str) -> Result<usize, StoreError>;
+
+    /// Changes a key's status or tier, leaving everything else as it is;
+    /// `NotFound` if the key does not exist.
+    async fn update_integration_key(
+        &self,
+        integration_id: &str,
+        key_id: &str,
+        change: KeyChange,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes one key; `NotFound` if it does not exist.
+    async fn delete_integration_key(&self, integration_id: &str, key_id: &str) -> Result<(), StoreError>;
+
+    /// Every organization, by name.
+    async fn list_orgs(&self) -> Result<Vec<OrgInfo>, StoreError>;
+
+    /// The keys of an organization (fingerprints only); `NotFound` if it
+    /// does not exist.
+    async fn list_autojoin_keys(&self, org: &str) -> Result<Vec<AutojoinKeyInfo>, StoreError>;
+
+    /// Deletes the key of `org` with this fingerprint; `NotFound` if none,
+    /// `Ambiguous` if several match (ask for a longer prefix).
+    async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError>;
+
+    /// Deletes an organization and its keys; `NotFound` if it does not exist.
+    async fn delete_org(&self, org: &str) -> Result<usize, StoreError>;
+}
+
+/// An integration, as the admin CLI lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IntegrationInfo {
+    pub integration_id: String,
+    pub description: String,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+}
+
+/// An integration key as the admin CLI shows it: never its hash.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyInfo {
+    pub key_id: String,
+    pub status: String,
+    pub tier: i64,
+    pub created_at: String,
+    pub description: String,
+}
+
+/// A change to one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyChange {
+    Status(String),
+    Tier(i64),
+}
+
+/// An organization, as the admin CLI lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OrgInfo {
+    pub org: String,
+    pub email: String,
+    pub created_at: String,
+    pub probability_multiplier: Option<f64>,
+}
+
+/// An autojoin key as the admin CLI shows it: a fingerprint, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AutojoinKeyInfo {
+    /// The first 12 hex digits of the key's SHA-256.
+    pub fingerprint: String,
+    pub created_at: String,
+}
+
+/// Status of a key that may no longer be exchanged.
+pub const STATUS_REVOKED: &str = "revoked";
+
+pub(crate) fn key_not_found(integration_id: &str, key_id: &str) -> StoreError {
+    StoreError::NotFound(format!("key {key_id} of integration {integration_id}"))
+}
+
+/// Shortest fingerprint prefix accepted for a deletion: fewer hex digits
+/// would make picking the wrong key too easy.
+pub const MIN_FINGERPRINT_LEN: usize = 8;
+
+pub(crate) fn check_fingerprint(fingerprint: &str) -> Result<(), StoreError> {
+    let hex = fingerprint
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hex || fingerprint.len() < MIN_FINGERPRINT_LEN || fingerprint.len() > 64 {
+        return Err(StoreError::Config(format!(
+            "a fingerprint is {MIN_FINGERPRINT_LEN} to 64 lowercase hex digits, as `autojoin list-keys` shows them"
+        )));
+    }
+    Ok(())
 }
 
 /// What a backend says about itself, for metrics and readiness.

@@ -19,8 +19,12 @@ use sqlx::{Row as _, SqlSafeStr as _};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{Admin, AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys, NewIntegrationKey, StoreError};
+use super::{
+    Admin, AutojoinKeyInfo, AutojoinKeys, Backend, IntegrationInfo, IntegrationKeyRecord, IntegrationKeys, KeyChange,
+    KeyInfo, NewIntegrationKey, OrgInfo, StoreError, check_fingerprint, key_not_found,
+};
 use crate::api_key::AutojoinApiKey;
+use crate::api_key::FINGERPRINT_LEN;
 
 /// Connections in the pool. SQLite serialises writers anyway; a few readers
 /// in parallel are plenty on two cores.
@@ -249,6 +253,237 @@ impl Admin for SqliteStore {
         }
         Ok(())
     }
+
+    async fn list_integrations(&self) -> Result<Vec<IntegrationInfo>, StoreError> {
+        let rows =
+            sqlx::query("SELECT integration_id, description, created_at FROM integrations ORDER BY integration_id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+        rows.iter()
+            .map(|r| {
+                Ok(IntegrationInfo {
+                    integration_id: r.try_get("integration_id").map_err(backend)?,
+                    description: r.try_get("description").map_err(backend)?,
+                    created_at: r.try_get("created_at").map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn list_integration_keys(&self, integration_id: &str) -> Result<Vec<KeyInfo>, StoreError> {
+        self.require_integration(integration_id).await?;
+        let rows = sqlx::query(
+            "SELECT key_id, status, tier, created_at, description FROM integration_keys
+             WHERE integration_id = $1 ORDER BY key_id",
+        )
+        .bind(integration_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(key_info).collect()
+    }
+
+    async fn get_integration_key(&self, integration_id: &str, key_id: &str) -> Result<KeyInfo, StoreError> {
+        let row = sqlx::query(
+            "SELECT key_id, status, tier, created_at, description FROM integration_keys
+             WHERE integration_id = $1 AND key_id = $2",
+        )
+        .bind(integration_id)
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .ok_or_else(|| key_not_found(integration_id, key_id))?;
+        key_info(&row)
+    }
+
+    async fn delete_integration(&self, integration_id: &str) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let keys = sqlx::query("DELETE FROM integration_keys WHERE integration_id = $1")
+            .bind(integration_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        let deleted = sqlx::query("DELETE FROM integrations WHERE integration_id = $1")
+            .bind(integration_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        if deleted == 0 {
+            // Dropping the transaction rolls it back: nothing changes.
+            return Err(StoreError::NotFound(format!("integration {integration_id}")));
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(usize::try_from(keys).unwrap_or(usize::MAX))
+    }
+
+    async fn update_integration_key(
+        &self,
+        integration_id: &str,
+        key_id: &str,
+        change: KeyChange,
+    ) -> Result<(), StoreError> {
+        let query = match &change {
+            KeyChange::Status(status) => {
+                sqlx::query("UPDATE integration_keys SET status = $1 WHERE integration_id = $2 AND key_id = $3")
+                    .bind(status.clone())
+            }
+            KeyChange::Tier(tier) => {
+                sqlx::query("UPDATE integration_keys SET tier = $1 WHERE integration_id = $2 AND key_id = $3")
+                    .bind(*tier)
+            }
+        };
+        let updated = query
+            .bind(integration_id)
+            .bind(key_id)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        if updated == 0 {
+            return Err(key_not_found(integration_id, key_id));
+        }
+        Ok(())
+    }
+
+    async fn delete_integration_key(&self, integration_id: &str, key_id: &str) -> Result<(), StoreError> {
+        let deleted = sqlx::query("DELETE FROM integration_keys WHERE integration_id = $1 AND key_id = $2")
+            .bind(integration_id)
+            .bind(key_id)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        if deleted == 0 {
+            return Err(key_not_found(integration_id, key_id));
+        }
+        Ok(())
+    }
+
+    async fn list_orgs(&self) -> Result<Vec<OrgInfo>, StoreError> {
+        let rows =
+            sqlx::query("SELECT name, email, created_at, probability_multiplier FROM organizations ORDER BY name")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+        rows.iter()
+            .map(|r| {
+                Ok(OrgInfo {
+                    org: r.try_get("name").map_err(backend)?,
+                    email: r.try_get("email").map_err(backend)?,
+                    created_at: r.try_get("created_at").map_err(backend)?,
+                    probability_multiplier: r.try_get("probability_multiplier").map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn list_autojoin_keys(&self, org: &str) -> Result<Vec<AutojoinKeyInfo>, StoreError> {
+        self.require_org(org).await?;
+        let rows =
+            sqlx::query("SELECT key_hash, created_at FROM autojoin_keys WHERE org = $1 ORDER BY created_at, key_hash")
+                .bind(org)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+        rows.iter()
+            .map(|r| {
+                let hash: String = r.try_get("key_hash").map_err(backend)?;
+                Ok(AutojoinKeyInfo {
+                    fingerprint: hash[..FINGERPRINT_LEN.min(hash.len())].to_owned(),
+                    created_at: r.try_get("created_at").map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError> {
+        check_fingerprint(fingerprint)?;
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let matches: Vec<String> =
+            sqlx::query_scalar("SELECT key_hash FROM autojoin_keys WHERE org = $1 AND substr(key_hash, 1, $2) = $3")
+                .bind(org)
+                .bind(i64::try_from(fingerprint.len()).unwrap_or(i64::MAX))
+                .bind(fingerprint)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(classify)?;
+        match matches.as_slice() {
+            [] => Err(StoreError::NotFound(format!(
+                "a key with fingerprint {fingerprint} in organization {org}"
+            ))),
+            [hash] => {
+                sqlx::query("DELETE FROM autojoin_keys WHERE key_hash = $1")
+                    .bind(hash)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                tx.commit().await.map_err(classify)
+            }
+            _ => Err(StoreError::Ambiguous(format!(
+                "{} keys of organization {org} start with {fingerprint}; give more of the fingerprint",
+                matches.len()
+            ))),
+        }
+    }
+
+    async fn delete_org(&self, org: &str) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let keys = sqlx::query("DELETE FROM autojoin_keys WHERE org = $1")
+            .bind(org)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        let deleted = sqlx::query("DELETE FROM organizations WHERE name = $1")
+            .bind(org)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        if deleted == 0 {
+            return Err(StoreError::NotFound(format!("organization {org}")));
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(usize::try_from(keys).unwrap_or(usize::MAX))
+    }
+}
+
+impl SqliteStore {
+    async fn require_integration(&self, integration_id: &str) -> Result<(), StoreError> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM integrations WHERE integration_id = $1")
+            .bind(integration_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        found
+            .map(|_| ())
+            .ok_or_else(|| StoreError::NotFound(format!("integration {integration_id}")))
+    }
+
+    async fn require_org(&self, org: &str) -> Result<(), StoreError> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM organizations WHERE name = $1")
+            .bind(org)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        found
+            .map(|_| ())
+            .ok_or_else(|| StoreError::NotFound(format!("organization {org}")))
+    }
+}
+
+fn key_info(r: &sqlx::sqlite::SqliteRow) -> Result<KeyInfo, StoreError> {
+    Ok(KeyInfo {
+        key_id: r.try_get("key_id").map_err(backend)?,
+        status: r.try_get("status").map_err(backend)?,
+        tier: r.try_get("tier").map_err(backend)?,
+        created_at: r.try_get("created_at").map_err(backend)?,
+        description: r.try_get("description").map_err(backend)?,
+    })
 }
 
 #[cfg(test)]

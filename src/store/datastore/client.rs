@@ -11,8 +11,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::wire::{
-    BeginTransactionResponse, CommitRequest, ErrorBody, Key, LookupRequest, LookupResponse, PartitionId, ReadOptions,
-    RollbackRequest, RunQueryRequest, RunQueryResponse,
+    BeginTransactionResponse, CommitRequest, Entity, ErrorBody, Key, LookupRequest, LookupResponse, PartitionId,
+    ReadOptions, RollbackRequest, RunQueryRequest, RunQueryResponse,
 };
 
 /// Where production Datastore lives.
@@ -181,8 +181,41 @@ impl Client {
         let request = RunQueryRequest {
             partition_id: partition,
             query,
+            read_options: None,
         };
         self.read("runQuery", &request).await
+    }
+
+    /// Every result of `query`, page by page; inside `transaction` if given.
+    pub async fn run_query_all(
+        &self,
+        partition: &PartitionId,
+        mut query: serde_json::Value,
+        transaction: Option<&str>,
+    ) -> Result<Vec<Entity>, CallError> {
+        let mut entities = Vec::new();
+        // Bounded, in case a misbehaving server keeps saying "more".
+        for _ in 0..10_000 {
+            let request = RunQueryRequest {
+                partition_id: partition,
+                query: query.clone(),
+                read_options: transaction.map(|transaction| ReadOptions { transaction }),
+            };
+            let response: RunQueryResponse = match transaction {
+                Some(_) => self.call("runQuery", &request).await?,
+                None => self.read("runQuery", &request).await?,
+            };
+            let batch = response.batch;
+            let page_was_empty = batch.entity_results.is_empty();
+            entities.extend(batch.entity_results.into_iter().map(|r| r.entity));
+            match (batch.more_results.as_deref(), batch.end_cursor) {
+                (Some("NOT_FINISHED" | "MORE_RESULTS_AFTER_CURSOR"), Some(cursor)) if !page_was_empty => {
+                    query["startCursor"] = serde_json::Value::String(cursor);
+                }
+                _ => return Ok(entities),
+            }
+        }
+        Err(CallError::Permanent("runQuery: too many pages".into()))
     }
 
     pub async fn begin_transaction(&self) -> Result<String, CallError> {

@@ -17,7 +17,8 @@ use time::OffsetDateTime;
 use self::client::{CallError, Client};
 use self::wire::{Entity, Key, PartitionId, PathElement};
 use super::{
-    Admin, AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys, NewIntegrationKey, STATUS_ACTIVE, StoreError,
+    Admin, AutojoinKeyInfo, AutojoinKeys, Backend, IntegrationInfo, IntegrationKeyRecord, IntegrationKeys, KeyChange,
+    KeyInfo, NewIntegrationKey, OrgInfo, STATUS_ACTIVE, StoreError, check_fingerprint, key_not_found,
 };
 use crate::api_key::AutojoinApiKey;
 
@@ -138,10 +139,48 @@ impl DatastoreStore {
         Ok(value)
     }
 
+    /// The `APIKey` entities of `org`; `NotFound` if the organization does not exist.
+    async fn org_keys(&self, org: &str, tx: Option<&str>) -> Result<Vec<Entity>, TxError> {
+        let org_key = Self::key(&self.platform, &[(ORGANIZATION_KIND, org)]);
+        let found = self.client.lookup(std::slice::from_ref(&org_key), tx).await?;
+        if found.found.is_empty() {
+            return Err(TxError::Store(StoreError::NotFound(format!("organization {org}"))));
+        }
+        Ok(self
+            .client
+            .run_query_all(
+                &self.platform,
+                wire::ancestor_query(AUTOJOIN_KEY_KIND, &org_key, false),
+                tx,
+            )
+            .await?)
+    }
+
     async fn exists(&self, key: &Key, tx: &str) -> Result<bool, TxError> {
         let found = self.client.lookup(std::slice::from_ref(key), Some(tx)).await?;
         Ok(!found.found.is_empty())
     }
+}
+
+fn key_info(e: &Entity) -> KeyInfo {
+    KeyInfo {
+        key_id: e.key.name().unwrap_or_default().to_owned(),
+        status: e.string("status").unwrap_or_default().to_owned(),
+        tier: e.integer("tier").unwrap_or(0),
+        created_at: e.timestamp("created_at"),
+        description: e.string("description").unwrap_or_default().to_owned(),
+    }
+}
+
+/// The whole SHA-256 (hex) of an autojoin key entity's name, which is the key.
+fn fingerprint_of_full(e: &Entity) -> String {
+    crate::api_key::sha256_hex(e.key.name().unwrap_or_default().as_bytes())
+}
+
+fn fingerprint_of(e: &Entity) -> String {
+    let mut hash = fingerprint_of_full(e);
+    hash.truncate(crate::api_key::FINGERPRINT_LEN);
+    hash
 }
 
 /// Runs of a transaction before giving up on contention.
@@ -159,6 +198,15 @@ fn backoff(attempt: u32) -> Duration {
 enum TxError {
     Call(CallError),
     Store(StoreError),
+}
+
+impl From<TxError> for StoreError {
+    fn from(e: TxError) -> Self {
+        match e {
+            TxError::Call(e) => e.into(),
+            TxError::Store(e) => e,
+        }
+    }
 }
 
 impl From<CallError> for TxError {
@@ -347,5 +395,188 @@ impl Admin for DatastoreStore {
             Err(StoreError::AlreadyExists(_)) => Err(StoreError::AlreadyExists("that autojoin key".into())),
             other => other,
         }
+    }
+
+    async fn list_integrations(&self) -> Result<Vec<IntegrationInfo>, StoreError> {
+        let entities = self
+            .client
+            .run_query_all(&self.integrations, wire::kind_query(INTEGRATION_KIND), None)
+            .await?;
+        let mut list: Vec<IntegrationInfo> = entities
+            .iter()
+            .map(|e| IntegrationInfo {
+                integration_id: e.key.name().unwrap_or_default().to_owned(),
+                description: e.string("description").unwrap_or_default().to_owned(),
+                created_at: e.timestamp("created_at"),
+            })
+            .collect();
+        list.sort_by(|a, b| a.integration_id.cmp(&b.integration_id));
+        Ok(list)
+    }
+
+    async fn list_integration_keys(&self, integration_id: &str) -> Result<Vec<KeyInfo>, StoreError> {
+        let meta = Self::key(&self.integrations, &[(INTEGRATION_KIND, integration_id)]);
+        let found = self.client.lookup(std::slice::from_ref(&meta), None).await?;
+        if found.found.is_empty() {
+            return Err(StoreError::NotFound(format!("integration {integration_id}")));
+        }
+        let entities = self
+            .client
+            .run_query_all(
+                &self.integrations,
+                wire::ancestor_query(INTEGRATION_KEY_KIND, &meta, false),
+                None,
+            )
+            .await?;
+        let mut keys: Vec<KeyInfo> = entities.iter().map(key_info).collect();
+        keys.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+        Ok(keys)
+    }
+
+    async fn get_integration_key(&self, integration_id: &str, key_id: &str) -> Result<KeyInfo, StoreError> {
+        let key = self.integration_key_path(integration_id, key_id);
+        let found = self.client.lookup(std::slice::from_ref(&key), None).await?;
+        found
+            .found
+            .first()
+            .map(|r| key_info(&r.entity))
+            .ok_or_else(|| key_not_found(integration_id, key_id))
+    }
+
+    async fn delete_integration(&self, integration_id: &str) -> Result<usize, StoreError> {
+        let meta = Self::key(&self.integrations, &[(INTEGRATION_KIND, integration_id)]);
+        self.in_transaction(|tx| {
+            let meta = meta.clone();
+            async move {
+                if !self.exists(&meta, &tx).await? {
+                    return Err(TxError::Store(StoreError::NotFound(format!(
+                        "integration {integration_id}"
+                    ))));
+                }
+                let keys = self
+                    .client
+                    .run_query_all(
+                        &self.integrations,
+                        wire::ancestor_query(INTEGRATION_KEY_KIND, &meta, true),
+                        Some(&tx),
+                    )
+                    .await?;
+                let count = keys.len();
+                let mut mutations: Vec<Value> = keys.into_iter().map(|e| json!({ "delete": e.key })).collect();
+                mutations.push(json!({ "delete": meta }));
+                Ok((count, mutations))
+            }
+        })
+        .await
+    }
+
+    async fn update_integration_key(
+        &self,
+        integration_id: &str,
+        key_id: &str,
+        change: KeyChange,
+    ) -> Result<(), StoreError> {
+        let key = self.integration_key_path(integration_id, key_id);
+        self.in_transaction(|tx| {
+            let (key, change) = (key.clone(), change.clone());
+            async move {
+                let found = self.client.lookup(std::slice::from_ref(&key), Some(&tx)).await?;
+                let Some(result) = found.found.into_iter().next() else {
+                    return Err(TxError::Store(key_not_found(integration_id, key_id)));
+                };
+                // Everything else stays exactly as stored, including any
+                // property another program wrote.
+                let mut entity = result.entity;
+                match change {
+                    KeyChange::Status(status) => entity.properties.insert("status".into(), wire::string(&status)),
+                    KeyChange::Tier(tier) => entity.properties.insert("tier".into(), wire::integer(tier)),
+                };
+                Ok(((), vec![json!({ "update": entity })]))
+            }
+        })
+        .await
+    }
+
+    async fn delete_integration_key(&self, integration_id: &str, key_id: &str) -> Result<(), StoreError> {
+        let key = self.integration_key_path(integration_id, key_id);
+        self.in_transaction(|tx| {
+            let key = key.clone();
+            async move {
+                if !self.exists(&key, &tx).await? {
+                    return Err(TxError::Store(key_not_found(integration_id, key_id)));
+                }
+                Ok(((), vec![json!({ "delete": key })]))
+            }
+        })
+        .await
+    }
+
+    async fn list_orgs(&self) -> Result<Vec<OrgInfo>, StoreError> {
+        let entities = self
+            .client
+            .run_query_all(&self.platform, wire::kind_query(ORGANIZATION_KIND), None)
+            .await?;
+        let mut list: Vec<OrgInfo> = entities
+            .iter()
+            .map(|e| OrgInfo {
+                org: e.key.name().unwrap_or_default().to_owned(),
+                email: e.string("email").unwrap_or_default().to_owned(),
+                created_at: e.timestamp("created_at"),
+                probability_multiplier: e.double("probability_multiplier"),
+            })
+            .collect();
+        list.sort_by(|a, b| a.org.cmp(&b.org));
+        Ok(list)
+    }
+
+    async fn list_autojoin_keys(&self, org: &str) -> Result<Vec<AutojoinKeyInfo>, StoreError> {
+        let mut keys: Vec<AutojoinKeyInfo> = self
+            .org_keys(org, None)
+            .await?
+            .iter()
+            .map(|e| AutojoinKeyInfo {
+                fingerprint: fingerprint_of(e),
+                created_at: e.timestamp("created_at"),
+            })
+            .collect();
+        keys.sort_by(|a, b| (&a.created_at, &a.fingerprint).cmp(&(&b.created_at, &b.fingerprint)));
+        Ok(keys)
+    }
+
+    async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError> {
+        check_fingerprint(fingerprint)?;
+        self.in_transaction(|tx| async move {
+            let keys = self.org_keys(org, Some(&tx)).await?;
+            let matches: Vec<&Entity> = keys
+                .iter()
+                .filter(|e| fingerprint_of_full(e).starts_with(fingerprint))
+                .collect();
+            match matches.as_slice() {
+                [] => Err(TxError::Store(StoreError::NotFound(format!(
+                    "a key with fingerprint {fingerprint} in organization {org}"
+                )))),
+                [one] => Ok(((), vec![json!({ "delete": one.key })])),
+                _ => Err(TxError::Store(StoreError::Ambiguous(format!(
+                    "{} keys of organization {org} start with {fingerprint}; give more of the fingerprint",
+                    matches.len()
+                )))),
+            }
+        })
+        .await
+    }
+
+    async fn delete_org(&self, org: &str) -> Result<usize, StoreError> {
+        let org_key = Self::key(&self.platform, &[(ORGANIZATION_KIND, org)]);
+        self.in_transaction(|tx| {
+            let org_key = org_key.clone();
+            async move {
+                let keys = self.org_keys(org, Some(&tx)).await?;
+                let count = keys.len();
+                let mut mutations: Vec<Value> = keys.into_iter().map(|e| json!({ "delete": e.key })).collect();
+                mutations.push(json!({ "delete": org_key }));
+                Ok((count, mutations))
+            }
+        })
+        .await
     }
 }

@@ -59,6 +59,21 @@ impl Entity {
         self.properties.get(name)?.get("stringValue")?.as_str()
     }
 
+    /// A `timestampValue` (RFC 3339), or empty if absent.
+    pub fn timestamp(&self, name: &str) -> String {
+        self.properties
+            .get(name)
+            .and_then(|v| v.get("timestampValue"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// A `doubleValue`; `None` if absent or null.
+    pub fn double(&self, name: &str) -> Option<f64> {
+        self.properties.get(name)?.get("doubleValue")?.as_f64()
+    }
+
     /// An `integerValue` (a JSON string holding an int64).
     pub fn integer(&self, name: &str) -> Option<i64> {
         let v = self.properties.get(name)?.get("integerValue")?;
@@ -104,6 +119,8 @@ pub struct LookupResponse {
 pub struct RunQueryRequest<'a> {
     pub partition_id: &'a PartitionId,
     pub query: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_options: Option<ReadOptions<'a>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +133,12 @@ pub struct RunQueryResponse {
 pub struct QueryBatch {
     #[serde(default)]
     pub entity_results: Vec<EntityResult>,
+    /// Where the next page starts.
+    #[serde(default)]
+    pub end_cursor: Option<String>,
+    /// `NO_MORE_RESULTS` on the last page.
+    #[serde(default)]
+    pub more_results: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +204,27 @@ pub fn equality_query(kind: &str, property: &str, value: Value, limit: i32) -> V
         "filter": { "propertyFilter": { "property": { "name": property }, "op": "EQUAL", "value": value } },
         "limit": limit,
     })
+}
+
+/// All entities of `kind` under `ancestor`.
+pub fn ancestor_query(kind: &str, ancestor: &Key, keys_only: bool) -> Value {
+    let mut query = json!({
+        "kind": [{ "name": kind }],
+        "filter": { "propertyFilter": {
+            "property": { "name": "__key__" },
+            "op": "HAS_ANCESTOR",
+            "value": { "keyValue": ancestor },
+        } },
+    });
+    if keys_only {
+        query["projection"] = json!([{ "property": { "name": "__key__" } }]);
+    }
+    query
+}
+
+/// All entities of `kind`.
+pub fn kind_query(kind: &str) -> Value {
+    json!({ "kind": [{ "name": kind }] })
 }
 
 /// A keys-only query for at most `limit` entities of `kind`.
