@@ -111,6 +111,15 @@ pub struct ServeArgs {
     /// The private JWK that signs tokens [default: /secrets/jwk-priv.json].
     #[arg(long, env = "PRIVATE_KEY_PATH", value_name = "PATH")]
     pub private_key_path: Option<PathBuf>,
+    /// A file of keys to publish in the JWKS without signing with them: the
+    /// next key before it becomes active, the previous one until its tokens
+    /// have expired. One JWK (private or public) or a JWK Set. Repeatable;
+    /// the environment variable takes a comma-separated list.
+    #[arg(long, env = "PUBLIC_KEY_PATH", value_name = "PATH", value_delimiter = ',')]
+    pub public_key_path: Vec<PathBuf>,
+    /// How often the key files are checked for changes (SIGHUP reloads at once).
+    #[arg(long, env = "KEY_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub key_reload_interval: Duration,
     /// Zero-setup development mode: generate a signing key and demo API keys
     /// in --data-dir if missing, listen on 127.0.0.1 only, and print how to
     /// try the service. Not for production.

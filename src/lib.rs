@@ -14,6 +14,7 @@
 //! - [`cache`]: the validation cache in front of the store (TTLs, single flight, stale-if-error).
 //! - [`claims`]: the two token shapes, their audiences and lifetimes.
 //! - [`signing`]: JWK loading, JWS signing, the public JWKS, key generation.
+//! - [`rotation`]: reloading the signing keys on SIGHUP or file change.
 //! - [`http`]: the router, one file per endpoint, and the one place that maps
 //!   errors to status codes.
 //! - [`store`]: the store traits and their backends.
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod rotation;
 pub mod signing;
 pub mod store;
 pub mod telemetry;

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub jwks_requests: IntCounter,
     /// Validation cache outcomes: hit, miss, negative_hit, stale, coalesced.
     pub key_cache: IntCounterVec,
+    /// Signing-key reloads, by result (success, failure).
+    pub key_reloads: IntCounterVec,
 }
 
 /// Buckets for in-process work measured in microseconds (signing, a cached
@@ -128,6 +130,12 @@ impl Metrics {
                 &registry,
                 "tokenexchange_key_cache_total",
                 "Validation cache outcomes: hit, miss, negative_hit, stale, coalesced.",
+                &["result"],
+            ),
+            key_reloads: counter(
+                &registry,
+                "tokenexchange_signing_key_reloads_total",
+                "Signing-key reloads, by result (success, failure).",
                 &["result"],
             ),
             jwks_requests,

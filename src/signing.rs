@@ -97,6 +97,8 @@ pub enum JwkError {
     BadBase64(&'static str),
     #[error("the members do not form a valid key pair: {0}")]
     InvalidKeyPair(&'static str),
+    #[error("kid {0:?} is used by two keys; every published key needs its own kid")]
+    DuplicateKid(String),
 }
 
 /// The members of a JWK file we understand. Not `Debug`: it holds private
@@ -220,35 +222,7 @@ impl SigningKey {
     }
 
     fn from_members(m: &JwkMembers) -> Result<Self, JwkError> {
-        let kid = m.kid.clone().filter(|k| !k.is_empty()).ok_or(JwkError::MissingKid)?;
-        let alg = match m.alg.as_deref() {
-            None | Some("") => return Err(JwkError::MissingAlg),
-            Some("RS256") => Algorithm::Rs256,
-            Some("ES256") => Algorithm::Es256,
-            Some("EdDSA") => Algorithm::EdDsa,
-            Some(other) => return Err(JwkError::UnsupportedAlg(truncate(other))),
-        };
-        if let Some(u) = m.use_.as_deref().filter(|u| *u != "sig") {
-            return Err(JwkError::WrongUse(truncate(u)));
-        }
-        let kty = m.kty.as_deref().unwrap_or_default();
-        if kty != alg.kty() {
-            return Err(JwkError::WrongKty {
-                alg: alg.as_str(),
-                expected: alg.kty(),
-                found: truncate(kty),
-            });
-        }
-        if let Some(expected) = alg.crv() {
-            let crv = m.crv.as_deref().unwrap_or_default();
-            if crv != expected {
-                return Err(JwkError::WrongCurve {
-                    alg: alg.as_str(),
-                    expected,
-                    found: truncate(crv),
-                });
-            }
-        }
+        let (kid, alg) = checked_header(m)?;
         if m.d.is_none() {
             return Err(JwkError::PublicOnly);
         }
@@ -264,6 +238,10 @@ impl SigningKey {
             n: m.n.clone(),
             e: m.e.clone(),
         };
+        Self::with_material(m, kid, alg, public)
+    }
+
+    fn with_material(m: &JwkMembers, kid: String, alg: Algorithm, public: PublicJwk) -> Result<Self, JwkError> {
         let material = match alg {
             Algorithm::Rs256 => {
                 let components = KeyPairComponents {
@@ -409,22 +387,90 @@ impl SigningKey {
     }
 }
 
-/// The keys the service works with: the one that signs, and the JWKS that
-/// publishes it, serialised once rather than per request.
+/// The members every key must have right: `kid`, a supported `alg`, `use`
+/// (if present) `sig`, and the `kty` and `crv` that go with the `alg`.
+fn checked_header(m: &JwkMembers) -> Result<(String, Algorithm), JwkError> {
+    let kid = m.kid.clone().filter(|k| !k.is_empty()).ok_or(JwkError::MissingKid)?;
+    let alg = match m.alg.as_deref() {
+        None | Some("") => return Err(JwkError::MissingAlg),
+        Some("RS256") => Algorithm::Rs256,
+        Some("ES256") => Algorithm::Es256,
+        Some("EdDSA") => Algorithm::EdDsa,
+        Some(other) => return Err(JwkError::UnsupportedAlg(truncate(other))),
+    };
+    if let Some(u) = m.use_.as_deref().filter(|u| *u != "sig") {
+        return Err(JwkError::WrongUse(truncate(u)));
+    }
+    let kty = m.kty.as_deref().unwrap_or_default();
+    if kty != alg.kty() {
+        return Err(JwkError::WrongKty {
+            alg: alg.as_str(),
+            expected: alg.kty(),
+            found: truncate(kty),
+        });
+    }
+    if let Some(expected) = alg.crv() {
+        let crv = m.crv.as_deref().unwrap_or_default();
+        if crv != expected {
+            return Err(JwkError::WrongCurve {
+                alg: alg.as_str(),
+                expected,
+                found: truncate(crv),
+            });
+        }
+    }
+    Ok((kid, alg))
+}
+
+/// The keys the service works with: the one that signs, and every key the
+/// JWKS publishes (the active one first, then keys being introduced or
+/// retired), serialised once rather than per request.
 #[derive(Debug)]
 pub struct KeySet {
     active: SigningKey,
+    published: Vec<PublicJwk>,
     jwks_json: String,
 }
 
 impl KeySet {
+    /// A set that publishes only the active key.
     pub fn new(active: SigningKey) -> Self {
-        let jwks = Jwks {
-            keys: vec![active.public_jwk().clone()],
-        };
+        // Unwrap: one key cannot repeat a kid.
+        Self::with_published(active, Vec::new()).expect("a single key has a unique kid")
+    }
+
+    /// A set that also publishes `others`, which never sign. Every `kid`
+    /// must be distinct: a verifier picks the key by `kid`, and two keys
+    /// under one `kid` would make it pick wrong.
+    pub fn with_published(active: SigningKey, others: Vec<PublicJwk>) -> Result<Self, JwkError> {
+        let mut published = vec![active.public_jwk().clone()];
+        for key in others {
+            if published.iter().any(|p| p.kid == key.kid) {
+                return Err(JwkError::DuplicateKid(truncate(&key.kid)));
+            }
+            published.push(key);
+        }
+        let jwks = Jwks { keys: published };
         // Go's json.Encoder ends the document with a newline; keep it.
         let jwks_json = serde_json::to_string(&jwks).expect("a JWKS of strings serialises") + "\n";
-        Self { active, jwks_json }
+        Ok(Self {
+            active,
+            published: jwks.keys,
+            jwks_json,
+        })
+    }
+
+    /// Loads the active private key and the files of keys to publish.
+    pub fn load(private_path: &Path, public_paths: &[PathBuf]) -> Result<Self, KeyError> {
+        let active = SigningKey::load(private_path)?;
+        let mut others = Vec::new();
+        for path in public_paths {
+            others.extend(load_public_keys(path)?);
+        }
+        Self::with_published(active, others).map_err(|source| KeyError::Invalid {
+            path: public_paths.first().cloned().unwrap_or_default(),
+            source,
+        })
     }
 
     /// The key new tokens are signed with.
@@ -432,10 +478,93 @@ impl KeySet {
         &self.active
     }
 
+    /// The `kid` of every published key, the active one first.
+    pub fn kids(&self) -> Vec<&str> {
+        self.published.iter().map(|k| k.kid.as_str()).collect()
+    }
+
     /// The body of `/.well-known/jwks.json`.
     pub fn jwks_json(&self) -> &str {
         &self.jwks_json
     }
+}
+
+/// The key set in use, replaced atomically on reload.
+pub type SharedKeys = std::sync::Arc<arc_swap::ArcSwap<KeySet>>;
+
+/// The keys a `--public-key-path` file holds: one JWK (private or public;
+/// only the public part is used) or a JWK Set `{"keys":[...]}`, which may be
+/// empty (nothing to publish right now).
+pub fn load_public_keys(path: &Path) -> Result<Vec<PublicJwk>, KeyError> {
+    let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    public_keys_from_json(&bytes).map_err(|source| KeyError::Invalid {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn public_keys_from_json(bytes: &[u8]) -> Result<Vec<PublicJwk>, JwkError> {
+    #[derive(Deserialize)]
+    struct Set {
+        keys: Vec<JwkMembers>,
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| JwkError::NotJson(e.to_string()))?;
+    let members: Vec<JwkMembers> = if value.get("keys").is_some() {
+        serde_json::from_value::<Set>(value)
+            .map_err(|e| JwkError::NotJson(e.to_string()))?
+            .keys
+    } else {
+        vec![serde_json::from_value(value).map_err(|e| JwkError::NotJson(e.to_string()))?]
+    };
+    members.iter().map(public_from_members).collect()
+}
+
+/// The public JWK of `m`, checked: with a private part, the pair must
+/// match; without, the public members must form a usable key.
+fn public_from_members(m: &JwkMembers) -> Result<PublicJwk, JwkError> {
+    if m.d.is_some() {
+        return SigningKey::from_members(m).map(|k| k.public);
+    }
+    let (kid, alg) = checked_header(m)?;
+    let invalid = |e: aws_lc_rs::error::KeyRejected| JwkError::InvalidKeyPair(e.description_());
+    match alg {
+        Algorithm::Rs256 => {
+            let n = member(&m.n, "n")?;
+            let e = member(&m.e, "e")?;
+            // The limits aws-lc enforces when verifying: 2048 to 8192 bits,
+            // no leading zero, an odd exponent.
+            if n.len() < 256 || n.len() > 1024 || n[0] == 0 {
+                return Err(JwkError::InvalidKeyPair("RSA modulus must be 2048 to 8192 bits"));
+            }
+            if e.is_empty() || e.len() > 5 || e[e.len() - 1] & 1 == 0 {
+                return Err(JwkError::InvalidKeyPair("RSA exponent must be odd and at most 33 bits"));
+            }
+        }
+        Algorithm::Es256 => {
+            let mut point = vec![0x04];
+            point.extend(member(&m.x, "x")?);
+            point.extend(member(&m.y, "y")?);
+            signature::ParsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &point).map_err(invalid)?;
+        }
+        Algorithm::EdDsa => {
+            let x = member(&m.x, "x")?;
+            signature::ParsedPublicKey::new(&signature::ED25519, &x).map_err(invalid)?;
+        }
+    }
+    Ok(PublicJwk {
+        use_: m.use_.clone(),
+        kty: alg.kty().into(),
+        kid,
+        crv: alg.crv().map(Into::into),
+        alg: alg.as_str().into(),
+        x: m.x.clone(),
+        y: m.y.clone(),
+        n: m.n.clone(),
+        e: m.e.clone(),
+    })
 }
 
 /// aws-lc could not generate a key; nothing to recover.
@@ -749,5 +878,106 @@ mod tests {
         ));
         let err = SigningKey::load(&path).unwrap_err().to_string();
         assert!(err.contains("k.json") && err.contains("kid"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod key_set_tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn private(alg: Algorithm) -> (SigningKey, Value) {
+        let (key, text) = SigningKey::generate(alg, None).unwrap();
+        (key, serde_json::from_str(&text).unwrap())
+    }
+
+    fn public_of(file: &Value) -> Value {
+        let mut v = file.clone();
+        for m in ["d", "p", "q", "dp", "dq", "qi"] {
+            v.as_object_mut().unwrap().remove(m);
+        }
+        v
+    }
+
+    #[test]
+    fn the_jwks_lists_the_active_key_first_and_only_public_parts() {
+        let (active, _) = private(Algorithm::Rs256);
+        let (_, next) = private(Algorithm::Rs256);
+        let (_, old) = private(Algorithm::EdDsa);
+        let active_kid = active.kid().to_owned();
+        let mut others = public_keys_from_json(next.to_string().as_bytes()).unwrap();
+        others.extend(public_keys_from_json(public_of(&old).to_string().as_bytes()).unwrap());
+        let set = KeySet::with_published(active, others).unwrap();
+        assert_eq!(
+            set.kids(),
+            [
+                active_kid.as_str(),
+                next["kid"].as_str().unwrap(),
+                old["kid"].as_str().unwrap()
+            ]
+        );
+        let jwks: Value = serde_json::from_str(set.jwks_json()).unwrap();
+        assert_eq!(jwks["keys"][0]["kid"], active_kid.as_str());
+        for key in jwks["keys"].as_array().unwrap() {
+            assert!(key.get("d").is_none() && key.get("p").is_none());
+        }
+        assert_eq!(set.active().kid(), active_kid);
+    }
+
+    #[test]
+    fn kids_must_be_distinct() {
+        let (active, file) = private(Algorithm::EdDsa);
+        let same = public_keys_from_json(public_of(&file).to_string().as_bytes()).unwrap();
+        assert!(matches!(
+            KeySet::with_published(active, same),
+            Err(JwkError::DuplicateKid(_))
+        ));
+        let (active, _) = private(Algorithm::EdDsa);
+        let (_, a) = private(Algorithm::EdDsa);
+        let (_, mut b) = private(Algorithm::EdDsa);
+        b["kid"] = a["kid"].clone();
+        let set = json!({ "keys": [public_of(&a), public_of(&b)] });
+        let others = public_keys_from_json(set.to_string().as_bytes()).unwrap();
+        assert!(matches!(
+            KeySet::with_published(active, others),
+            Err(JwkError::DuplicateKid(_))
+        ));
+    }
+
+    #[test]
+    fn public_key_files_hold_a_key_or_a_set() {
+        let (_, a) = private(Algorithm::Es256);
+        let (_, b) = private(Algorithm::Rs256);
+        assert_eq!(public_keys_from_json(b"{\"keys\":[]}").unwrap(), vec![]);
+        let set = json!({ "keys": [public_of(&a), b] });
+        assert_eq!(public_keys_from_json(set.to_string().as_bytes()).unwrap().len(), 2);
+        assert!(matches!(public_keys_from_json(b"nonsense"), Err(JwkError::NotJson(_))));
+    }
+
+    #[test]
+    fn broken_public_keys_are_refused() {
+        let (_, ec) = private(Algorithm::Es256);
+        let (_, rsa) = private(Algorithm::Rs256);
+        let (_, ed) = private(Algorithm::EdDsa);
+        let load = |v: Value| public_keys_from_json(v.to_string().as_bytes());
+        let mut off_curve = public_of(&ec);
+        off_curve["y"] = ec["x"].clone();
+        assert!(matches!(load(off_curve), Err(JwkError::InvalidKeyPair(_))));
+        let mut short = public_of(&rsa);
+        short["n"] = json!(URL_SAFE_NO_PAD.encode([0xffu8; 128]));
+        assert!(matches!(load(short), Err(JwkError::InvalidKeyPair(_))));
+        let mut even = public_of(&rsa);
+        even["e"] = json!("AQAA");
+        assert!(matches!(load(even), Err(JwkError::InvalidKeyPair(_))));
+        let mut short_ed = public_of(&ed);
+        short_ed["x"] = json!("AAAA");
+        assert!(matches!(load(short_ed), Err(JwkError::InvalidKeyPair(_))));
+        let mut no_kid = public_of(&ed);
+        no_kid.as_object_mut().unwrap().remove("kid");
+        assert_eq!(load(no_kid).err(), Some(JwkError::MissingKid));
+        // A private member that does not match is caught too.
+        let mut mismatched = ed.clone();
+        mismatched["x"] = public_of(&private(Algorithm::EdDsa).1)["x"].clone();
+        assert!(matches!(load(mismatched), Err(JwkError::InvalidKeyPair(_))));
     }
 }

@@ -8,20 +8,29 @@ use anyhow::Context as _;
 use crate::app::{Application, shutdown_signal};
 use crate::config::{DEFAULT_PRIVATE_KEY_PATH, ServeArgs};
 use crate::http::AppState;
-use crate::signing::{Algorithm, KeySet, SigningKey, write_private_jwk};
+use crate::rotation::{self, KeySource};
+use crate::signing::{Algorithm, SigningKey, write_private_jwk};
 use crate::store::{self, Store};
 
 pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let key = if args.dev {
-        dev_signing_key(&args)?
+    let private = if args.dev {
+        dev_signing_key_path(&args)?
     } else {
-        let path = args
-            .private_key_path
+        args.private_key_path
             .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_PRIVATE_KEY_PATH));
-        SigningKey::load(&path)?
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PRIVATE_KEY_PATH))
     };
-    tracing::info!(alg = key.alg().as_str(), kid = key.kid(), "signing key loaded");
+    let source = KeySource {
+        private,
+        public: args.public_key_path.clone(),
+    };
+    let keys = source.load()?;
+    tracing::info!(
+        alg = keys.active().alg().as_str(),
+        active_kid = keys.active().kid(),
+        published = ?keys.kids(),
+        "signing keys loaded"
+    );
 
     let mut store_args = args.store.clone();
     if args.dev && store_args.store.is_none() {
@@ -37,7 +46,13 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None
     };
 
-    let state = AppState::new(Arc::new(KeySet::new(key)), store, args.settings());
+    let state = AppState::new(Arc::new(keys), store, args.settings());
+    tokio::spawn(rotation::watch(
+        source,
+        state.keys.clone(),
+        state.metrics.clone(),
+        args.key_reload_interval,
+    ));
     let app = Application::build(args.listen_addr(), args.metrics_addr(), state)
         .await
         .with_context(|| format!("cannot listen on {} and {}", args.listen_addr(), args.metrics_addr()))?;
@@ -52,22 +67,22 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 /// In development mode: the configured key if it exists, else a generated
 /// RS256 key kept in the data folder (so tokens survive restarts).
-fn dev_signing_key(args: &ServeArgs) -> anyhow::Result<SigningKey> {
+fn dev_signing_key_path(args: &ServeArgs) -> anyhow::Result<PathBuf> {
     if let Some(path) = args.private_key_path.as_deref().filter(|p| p.exists()) {
-        return Ok(SigningKey::load(path)?);
+        return Ok(path.to_owned());
     }
     let path = args.data_dir.join("jwk-priv.json");
     if path.exists() {
-        return Ok(SigningKey::load(&path)?);
+        return Ok(path);
     }
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let (key, text) = SigningKey::generate(Algorithm::Rs256, None)?;
+    let (_, text) = SigningKey::generate(Algorithm::Rs256, None)?;
     write_private_jwk(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
     tracing::warn!(
         path = %path.display(),
         "generated a DEVELOPMENT signing key; production needs a key from `token-exchange keygen` in --private-key-path"
     );
-    Ok(key)
+    Ok(path)
 }
 
 /// Demo API keys, as files in the data folder (the store keeps only hashes,

@@ -18,6 +18,6 @@ pub(super) async fn jwks(State(state): State<AppState>) -> impl IntoResponse {
             // Browsers verify tokens too (web speed-test clients).
             (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
         ],
-        state.keys.jwks_json().to_owned(),
+        state.keys.load().jwks_json().to_owned(),
     )
 }

@@ -26,11 +26,12 @@ pub use observe::{FailureDetail, Issued, REQUEST_ID};
 pub use ready::{FRESHNESS, PROBE_INTERVAL, ReadinessWindows, StoreHealth};
 pub use token::{DecodeError, decode_token_request};
 
+use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
 use crate::cache::{CacheSettings, Clock, KeyCache, SystemClock};
 use crate::metrics::Metrics;
-use crate::signing::KeySet;
+use crate::signing::{KeySet, SharedKeys};
 use crate::store::{Instrumented, Lookups};
 use crate::validate::Validator;
 
@@ -89,8 +90,9 @@ impl Default for Settings {
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    /// The signing key and the JWKS that publishes it.
-    pub keys: Arc<KeySet>,
+    /// The signing key and the JWKS, swapped whole when keys are reloaded;
+    /// a request keeps the set it started with.
+    pub keys: SharedKeys,
     /// Checks presented API keys against the (cached, instrumented) store.
     pub validator: Validator,
     /// Source of `iat`; the system clock outside tests.
@@ -115,7 +117,7 @@ impl AppState {
         let instrumented = Arc::new(Instrumented::new(store, metrics.clone(), health.clone()));
         let cache = Arc::new(KeyCache::new(settings.cache, settings.clock.clone(), metrics.clone()));
         Self {
-            keys,
+            keys: Arc::new(ArcSwap::new(keys)),
             validator: Validator::new(instrumented.clone(), instrumented, cache),
             clock: Arc::new(SystemTime::now),
             metrics,

@@ -180,7 +180,10 @@ async fn integration_token_has_the_exact_header_and_claims() {
     for alg in [Algorithm::Rs256, Algorithm::Es256, Algorithm::EdDsa] {
         let f = fixture(alg);
         let (header, claims) = token_parts(&exchange(&f.state, "/v0/token/integration", &f.active).await);
-        assert_eq!(header, json!({"alg": alg.as_str(), "kid": f.state.keys.active().kid()}));
+        assert_eq!(
+            header,
+            json!({"alg": alg.as_str(), "kid": f.state.keys.load().active().kid()})
+        );
         let key_id = f.active.split('.').nth(2).unwrap();
         let mut claims = claims.as_object().unwrap().clone();
         let jti = claims.remove("jti").unwrap();
@@ -355,7 +358,7 @@ async fn jwks_publishes_the_public_key_with_cache_headers() {
         let keys = jwks["keys"].as_array().unwrap();
         assert_eq!(keys.len(), 1);
         let key = keys[0].as_object().unwrap();
-        assert_eq!(key["kid"], f.state.keys.active().kid());
+        assert_eq!(key["kid"], f.state.keys.load().active().kid());
         assert_eq!(key["alg"], alg.as_str());
         assert_eq!(key["use"], "sig");
         for private in ["d", "p", "q", "dp", "dq", "qi"] {
@@ -536,7 +539,7 @@ async fn ready_follows_the_store() {
         },
         ..Settings::default()
     };
-    let state = AppState::new(f.state.keys.clone(), f.store.clone(), settings);
+    let state = AppState::new(f.state.keys.load_full(), f.store.clone(), settings);
     let ready = call(&state, Method::GET, "/ready", "").await;
     assert_eq!((ready.status, ready.text()), (StatusCode::OK, "ready\n"));
     assert_eq!(f.store.pings.load(Ordering::SeqCst), 1);

@@ -95,7 +95,8 @@ fn read_key(body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
 
 fn issue(state: &AppState, principal: Principal) -> Result<Response, ApiError> {
     let claims = Claims::new(principal.clone(), (state.clock)());
-    let key = state.keys.active();
+    let keys = state.keys.load();
+    let key = keys.active();
     let started = Instant::now();
     let token = key.sign(&claims).map_err(|e| ApiError::Signing(e.to_string()))?;
     state

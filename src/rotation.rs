@@ -1,0 +1,106 @@
+//! Signing-key rotation on a running server.
+//!
+//! The key files are read again on SIGHUP, and whenever their contents
+//! change (checked every `--key-reload-interval`). A reload loads the new
+//! set completely (every file parsed, every pair checked, every `kid`
+//! distinct) and only then swaps it in, in one step: a request signs with
+//! the set it started with. A reload that fails keeps the old set, says why
+//! in the log, and is counted in `tokenexchange_signing_key_reloads_total`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::Metrics;
+use crate::signing::{KeySet, SharedKeys};
+
+/// Where the keys come from.
+#[derive(Debug, Clone)]
+pub struct KeySource {
+    /// The private key that signs.
+    pub private: PathBuf,
+    /// Files of keys published without signing (next and previous keys).
+    pub public: Vec<PathBuf>,
+}
+
+impl KeySource {
+    pub fn load(&self) -> Result<KeySet, crate::signing::KeyError> {
+        KeySet::load(&self.private, &self.public)
+    }
+
+    /// A digest of every file's current bytes (or its absence), to notice
+    /// a change without parsing.
+    fn contents_digest(&self) -> Vec<u8> {
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for path in std::iter::once(&self.private).chain(&self.public) {
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    ctx.update(&(bytes.len() as u64).to_be_bytes());
+                    ctx.update(&bytes);
+                }
+                Err(_) => ctx.update(b"missing"),
+            }
+        }
+        ctx.finish().as_ref().to_vec()
+    }
+}
+
+/// Why a reload happened, for the log.
+#[derive(Debug, Clone, Copy)]
+enum Trigger {
+    Signal,
+    FileChange,
+}
+
+/// Loads the set again and swaps it in if it loads; returns whether it did.
+pub fn reload(source: &KeySource, keys: &SharedKeys, metrics: &Metrics) -> bool {
+    match source.load() {
+        Ok(set) => {
+            let kids: Vec<String> = set.kids().into_iter().map(str::to_owned).collect();
+            tracing::info!(
+                active_kid = set.active().kid(),
+                alg = set.active().alg().as_str(),
+                published = ?kids,
+                "signing keys reloaded"
+            );
+            keys.store(Arc::new(set));
+            metrics.key_reloads.with_label_values(&["success"]).inc();
+            true
+        }
+        Err(e) => {
+            // The error names the file and the defect, never key material.
+            tracing::error!(error = %e, "signing key reload failed; still using the previous keys");
+            metrics.key_reloads.with_label_values(&["failure"]).inc();
+            false
+        }
+    }
+}
+
+/// Reloads on SIGHUP and on file changes, until the process ends.
+pub async fn watch(source: KeySource, keys: SharedKeys, metrics: Arc<Metrics>, interval: Duration) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; key files are still polled");
+            None
+        }
+    };
+    let mut seen = source.contents_digest();
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let trigger = tokio::select! {
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => Trigger::Signal,
+            _ = tick.tick() => Trigger::FileChange,
+        };
+        let now = source.contents_digest();
+        if matches!(trigger, Trigger::FileChange) && now == seen {
+            continue;
+        }
+        tracing::info!(?trigger, "reloading signing keys");
+        // A failed load is retried when the files change again (or on the
+        // next SIGHUP), not on every tick.
+        seen = now;
+        reload(&source, &keys, &metrics);
+    }
+}
