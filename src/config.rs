@@ -49,6 +49,15 @@ pub enum Command {
     /// Manage autojoin organizations and their API keys.
     #[command(subcommand)]
     Autojoin(AutojoinCommand),
+    /// Bring a SQL store's schema up to date, then exit (`serve` and every
+    /// admin command also do this when they open the store).
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// Which store to use; shared by the server and every admin command, so
@@ -72,6 +81,9 @@ pub struct StoreArgs {
     /// times out is retried once, then the request gets a 503.
     #[arg(long, env = "STORE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub store_timeout: Duration,
+    /// Most connections to PostgreSQL from this process.
+    #[arg(long, env = "STORE_MAX_CONNECTIONS", default_value_t = crate::store::DEFAULT_PG_CONNECTIONS)]
+    pub store_max_connections: u32,
 }
 
 /// Parses `500ms`, `2s`, `1m` or a bare number of seconds.

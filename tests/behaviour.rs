@@ -25,6 +25,12 @@ macro_rules! for_each_backend {
                 super::$name(super::Backend::Datastore).await
             })*
         }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Postgres).await
+            })*
+        }
     };
 }
 
@@ -384,10 +390,7 @@ async fn metrics_over_the_wire(backend: Backend) {
     );
     let text = response.text().await.unwrap();
     let m = |s: &str| series(&text, s);
-    let name = match backend {
-        Backend::Sqlite => "sqlite",
-        Backend::Datastore => "datastore",
-    };
+    let name = backend.label();
     assert_eq!(
         m(r#"tokenexchange_integration_requests_total{code="200",method="post"}"#),
         3.0
@@ -568,10 +571,7 @@ async fn app_with_clock(ws: &Workspace) -> (support::TestApp, Arc<ManualClock>) 
 }
 
 fn lookups(text: &str, backend: Backend, kind: &str) -> f64 {
-    let name = match backend {
-        Backend::Sqlite => "sqlite",
-        Backend::Datastore => "datastore",
-    };
+    let name = backend.label();
     ["found", "not_found", "error"]
         .iter()
         .map(|r| {
@@ -713,6 +713,7 @@ enum Outage {
         emulator: support::emulator::Emulator,
         port: u16,
     },
+    Postgres(support::postgres::Postgres),
 }
 
 impl Outage {
@@ -731,6 +732,7 @@ impl Outage {
                 *locker = Some(conn);
             }
             Outage::Datastore { emulator, .. } => emulator.stop(),
+            Outage::Postgres(pg) => pg.stop(),
         }
     }
 
@@ -745,6 +747,7 @@ impl Outage {
             Outage::Datastore { emulator, port } => {
                 *emulator = support::emulator::Emulator::start(*port).await;
             }
+            Outage::Postgres(pg) => pg.start_again(),
         }
     }
 }
@@ -781,6 +784,16 @@ async fn store_outages_serve_recent_keys_then_503_and_recover(backend: Backend) 
                     Arc::new(token_exchange::store::DatastoreStore::new(&config).unwrap()),
                     support::seed::Seeder::for_emulator(&ws, &host),
                     Outage::Datastore { emulator, port },
+                )
+            }
+            Backend::Postgres => {
+                // A server of this test's own, to stop and start.
+                let pg = support::postgres::Postgres::start();
+                ws.store_args.store = Some(pg.url());
+                (
+                    token_exchange::store::open(&ws.store_args).await.unwrap(),
+                    ws.seeder(),
+                    Outage::Postgres(pg),
                 )
             }
         };

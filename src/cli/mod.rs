@@ -18,6 +18,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Integration(IntegrationCommand::Show(args)) => lifecycle::integration_show(&args).await,
         Command::Integration(IntegrationCommand::Delete(args)) => lifecycle::integration_delete(&args).await,
         Command::Key(command) => lifecycle::key(&command).await,
+        Command::Migrate(args) => {
+            crate::store::open(&args.store).await?;
+            eprintln!("the store's schema is up to date");
+            Ok(())
+        }
         Command::Autojoin(AutojoinCommand::CreateOrg(args)) => admin::autojoin_create_org(&args).await,
         Command::Autojoin(AutojoinCommand::CreateKey(args)) => admin::autojoin_create_key(&args).await,
         Command::Autojoin(AutojoinCommand::ListOrgs(args)) => lifecycle::autojoin_list_orgs(&args).await,

@@ -8,7 +8,7 @@
 
 pub mod datastore;
 mod instrumented;
-mod sqlite;
+mod sql;
 
 use std::sync::Arc;
 
@@ -20,7 +20,7 @@ use crate::config::StoreArgs;
 
 pub use datastore::{DatastoreConfig, DatastoreStore};
 pub use instrumented::Instrumented;
-pub use sqlite::SqliteStore;
+pub use sql::{DEFAULT_PG_CONNECTIONS, SqlStore};
 
 /// What the store knows about one integration key. The secret itself is
 /// never stored, only its hash.
@@ -236,7 +236,8 @@ pub trait Store: Lookups + Admin {}
 impl<T: Lookups + Admin + ?Sized> Store for T {}
 
 /// Opens the store named by `--store`: `sqlite:PATH` (the file is created
-/// on first use) or `datastore`.
+/// on first use), `postgres://...` or `datastore`. SQL stores have their
+/// schema brought up to date.
 pub async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, StoreError> {
     let store = args.store_url();
     if let Some(path) = store.strip_prefix("sqlite:") {
@@ -247,7 +248,12 @@ pub async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, StoreError> {
             ));
         }
         let path = std::path::Path::new(path);
-        return Ok(Arc::new(SqliteStore::open(path, args.store_timeout).await?));
+        return Ok(Arc::new(SqlStore::open_sqlite(path, args.store_timeout).await?));
+    }
+    if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+        return Ok(Arc::new(
+            SqlStore::open_postgres(store, args.store_timeout, args.store_max_connections).await?,
+        ));
     }
     if store == "datastore" {
         return Ok(Arc::new(DatastoreStore::new(&DatastoreConfig {
@@ -260,7 +266,7 @@ pub async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, StoreError> {
     }
     // Only the scheme is echoed: a database URL may hold a password.
     Err(StoreError::Config(format!(
-        "unsupported --store {:?}: expected sqlite:PATH or datastore",
+        "unsupported --store {:?}: expected sqlite:PATH, postgres://USER:PASSWORD@HOST:PORT/DB or datastore",
         store.split(':').next().unwrap_or_default()
     )))
 }

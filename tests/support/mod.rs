@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod emulator;
+pub mod postgres;
 pub mod process;
 pub mod seed;
 
@@ -80,6 +81,43 @@ pub fn run_json(args: &[&str]) -> Value {
 pub enum Backend {
     Sqlite,
     Datastore,
+    Postgres,
+}
+
+impl Backend {
+    /// The `backend` label of the store metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Datastore => "datastore",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// A fresh, empty database on the PostgreSQL server of `TEST_DATABASE_URL`
+/// (an administrator's URL); returns its URL.
+pub fn fresh_postgres_database(admin_url: &str) -> String {
+    let name = unique("tx").replace('-', "_");
+    let out = Command::new("psql")
+        .args([
+            admin_url,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+            "-c",
+            &format!("CREATE DATABASE {name}"),
+        ])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "CREATE DATABASE failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut url = url::Url::parse(admin_url).unwrap();
+    url.set_path(&format!("/{name}"));
+    url.to_string()
 }
 
 /// A unique suffix, so tests sharing an emulator never see each other.
@@ -107,7 +145,8 @@ impl Workspace {
     }
 
     /// A workspace on `backend`; `None` (after saying why) when the backend
-    /// is not available here: Datastore tests need `DATASTORE_EMULATOR_HOST`.
+    /// is not available here: Datastore tests need `DATASTORE_EMULATOR_HOST`,
+    /// PostgreSQL tests `TEST_DATABASE_URL` (scripts/test sets both).
     pub fn with_backend(backend: Backend, alg: &str) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let store_args = match backend {
@@ -117,7 +156,22 @@ impl Workspace {
                 platform_ns: "platform-credentials".into(),
                 client_integration_ns: "client-integration".into(),
                 store_timeout: Duration::from_secs(2),
+                store_max_connections: 4,
             },
+            Backend::Postgres => {
+                let Ok(admin) = std::env::var("TEST_DATABASE_URL") else {
+                    eprintln!("SKIPPED: TEST_DATABASE_URL is not set (scripts/test starts PostgreSQL)");
+                    return None;
+                };
+                StoreArgs {
+                    store: Some(fresh_postgres_database(&admin)),
+                    project_id: TEST_PROJECT.into(),
+                    platform_ns: "platform-credentials".into(),
+                    client_integration_ns: "client-integration".into(),
+                    store_timeout: Duration::from_secs(2),
+                    store_max_connections: 4,
+                }
+            }
             Backend::Datastore => {
                 if std::env::var_os("DATASTORE_EMULATOR_HOST").is_none() {
                     eprintln!("SKIPPED: DATASTORE_EMULATOR_HOST is not set (scripts/test starts the emulator)");
@@ -129,6 +183,7 @@ impl Workspace {
                     platform_ns: unique("pc"),
                     client_integration_ns: unique("ci"),
                     store_timeout: Duration::from_secs(2),
+                    store_max_connections: 4,
                 }
             }
         };

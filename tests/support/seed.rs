@@ -1,14 +1,30 @@
 //! Writes keys straight into a store, bypassing our CLI: for Datastore, the
 //! entities M-Lab's Go programs write (some without properties we add, such
-//! as `tier`); for SQLite, the equivalent rows.
+//! as `tier`); for SQLite and PostgreSQL, the equivalent rows.
 
 use serde_json::{Value, json};
 
 use super::{Backend, Workspace};
 
+/// A direct connection to a SQL store.
+enum Db {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+/// Runs the same statement on either database.
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match &$db {
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
 pub struct Seeder {
     backend: Backend,
-    sqlite_path: Option<String>,
+    store: String,
     base: String,
     project: String,
     platform_ns: String,
@@ -27,7 +43,7 @@ impl Seeder {
         let store = ws.store_args.store.clone().unwrap_or_default();
         Self {
             backend: ws.backend,
-            sqlite_path: store.strip_prefix("sqlite:").map(str::to_owned),
+            store,
             base: format!(
                 "http://{}",
                 std::env::var("DATASTORE_EMULATOR_HOST").unwrap_or_default()
@@ -46,18 +62,22 @@ impl Seeder {
         }
     }
 
-    async fn sqlite(&self) -> sqlx::SqlitePool {
-        let path = self.sqlite_path.as_ref().unwrap();
+    async fn db(&self) -> Db {
         // The server or CLI creates the schema; make sure it exists.
         let args = token_exchange::config::StoreArgs {
-            store: Some(format!("sqlite:{path}")),
+            store: Some(self.store.clone()),
             project_id: String::new(),
             platform_ns: String::new(),
             client_integration_ns: String::new(),
             store_timeout: std::time::Duration::from_secs(2),
+            store_max_connections: 1,
         };
         token_exchange::store::open(&args).await.unwrap();
-        sqlx::SqlitePool::connect(&format!("sqlite:{path}")).await.unwrap()
+        match self.backend {
+            Backend::Sqlite => Db::Sqlite(sqlx::SqlitePool::connect(&self.store).await.unwrap()),
+            Backend::Postgres => Db::Postgres(sqlx::PgPool::connect(&self.store).await.unwrap()),
+            Backend::Datastore => unreachable!("Datastore is written through its REST API"),
+        }
     }
 
     fn key(&self, ns: &str, path: &[(&str, &str)]) -> Value {
@@ -106,14 +126,15 @@ impl Seeder {
     ) -> String {
         let hash = sha256_hex(secret);
         match self.backend {
-            Backend::Sqlite => {
-                let pool = self.sqlite().await;
+            Backend::Sqlite | Backend::Postgres => {
+                let db = self.db().await;
+                on_db!(db, pool => {
                 sqlx::query(
-                    "INSERT OR IGNORE INTO integrations (integration_id, description, created_at) VALUES ($1, '', $2)",
+                    "INSERT INTO integrations (integration_id, description, created_at) VALUES ($1, '', $2) ON CONFLICT DO NOTHING",
                 )
                 .bind(int_id)
                 .bind(CREATED_AT)
-                .execute(&pool)
+                .execute(pool)
                 .await
                 .unwrap();
                 sqlx::query(
@@ -126,9 +147,10 @@ impl Seeder {
                 .bind(status)
                 .bind(tier.unwrap_or(0))
                 .bind(CREATED_AT)
-                .execute(&pool)
+                .execute(pool)
                 .await
                 .unwrap();
+                });
             }
             Backend::Datastore => {
                 let meta = json!({
@@ -161,15 +183,17 @@ impl Seeder {
     /// would (revoking it, say).
     pub async fn set_status(&self, int_id: &str, key_id: &str, secret: &str, status: &str) {
         match self.backend {
-            Backend::Sqlite => {
-                let pool = self.sqlite().await;
+            Backend::Sqlite | Backend::Postgres => {
+                let db = self.db().await;
+                on_db!(db, pool => {
                 sqlx::query("UPDATE integration_keys SET status = $1 WHERE integration_id = $2 AND key_id = $3")
                     .bind(status)
                     .bind(int_id)
                     .bind(key_id)
-                    .execute(&pool)
+                    .execute(pool)
                     .await
                     .unwrap();
+                });
             }
             Backend::Datastore => {
                 // Rewritten whole, as the Go programs' Put does.
@@ -181,15 +205,17 @@ impl Seeder {
     /// An organization; `multiplier: None` stores a null, as older entities have.
     pub async fn org(&self, name: &str, multiplier: Option<f64>) {
         match self.backend {
-            Backend::Sqlite => {
-                let pool = self.sqlite().await;
+            Backend::Sqlite | Backend::Postgres => {
+                let db = self.db().await;
+                on_db!(db, pool => {
                 sqlx::query("INSERT INTO organizations (name, email, created_at, probability_multiplier) VALUES ($1, 'x@example.org', $2, $3)")
                     .bind(name)
                     .bind(CREATED_AT)
                     .bind(multiplier)
-                    .execute(&pool)
+                    .execute(pool)
                     .await
                     .unwrap();
+                });
             }
             Backend::Datastore => {
                 let multiplier = match multiplier {
@@ -213,15 +239,17 @@ impl Seeder {
     /// An autojoin key held by `org`.
     pub async fn autojoin_key(&self, org: &str, key: &str) {
         match self.backend {
-            Backend::Sqlite => {
-                let pool = self.sqlite().await;
+            Backend::Sqlite | Backend::Postgres => {
+                let db = self.db().await;
+                on_db!(db, pool => {
                 sqlx::query("INSERT INTO autojoin_keys (key_hash, org, created_at) VALUES ($1, $2, $3)")
                     .bind(sha256_hex(key))
                     .bind(org)
                     .bind(CREATED_AT)
-                    .execute(&pool)
+                    .execute(pool)
                     .await
                     .unwrap();
+                });
             }
             Backend::Datastore => {
                 self.datastore_commit(vec![json!({

@@ -1,0 +1,714 @@
+//! The SQL stores: SQLite (embedded, one file, no setup) and PostgreSQL
+//! (shared by several replicas). Both keep the same tables and run the same
+//! statements; only connecting, migrations and a few error codes differ.
+//!
+//! SQLite: the server and the admin CLI may open the same file at once.
+//! Writes are a few rows in a millisecond, so the classic rollback journal is
+//! enough: whoever finds the file locked waits (up to `--store-timeout`)
+//! instead of failing. It also keeps the store one file at rest (WAL mode
+//! would add `-wal` and `-shm` files that must be copied with it), and a lock
+//! held too long by another process shows up as what it is: a store that
+//! does not answer (503 and not ready), never as a bad key.
+//!
+//! PostgreSQL: a bounded pool; every statement has the store timeout as its
+//! `statement_timeout`, and waiting for a connection is bounded the same way.
+//! Broken connections (a database restart) are dropped when next taken from
+//! the pool, so service resumes without a restart.
+
+use std::path::Path;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row as _, SqlSafeStr as _};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{
+    Admin, AutojoinKeyInfo, AutojoinKeys, Backend, IntegrationInfo, IntegrationKeyRecord, IntegrationKeys, KeyChange,
+    KeyInfo, NewIntegrationKey, OrgInfo, StoreError, check_fingerprint, key_not_found,
+};
+use crate::api_key::{AutojoinApiKey, FINGERPRINT_LEN};
+
+/// SQLite connections in the pool. SQLite serialises writers anyway; a few
+/// readers in parallel are plenty on two cores.
+const SQLITE_CONNECTIONS: u32 = 4;
+/// PostgreSQL connections per replica: enough for the request path's point
+/// reads (a few ms each) at thousands of requests per second, small enough
+/// that dozens of replicas stay under the server's `max_connections`.
+pub const DEFAULT_PG_CONNECTIONS: u32 = 10;
+
+enum SqlPool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the typed pool: the statements are the
+/// same for both databases, the driver types are not.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.pool {
+            SqlPool::Sqlite($pool) => $body,
+            SqlPool::Postgres($pool) => $body,
+        }
+    };
+}
+
+pub struct SqlStore {
+    pool: SqlPool,
+}
+
+fn migration(version: i64, sql: &'static str) -> Migration {
+    Migration::new(
+        version,
+        "initial".into(),
+        MigrationType::Simple,
+        sql.into_sql_str(),
+        false,
+    )
+}
+
+fn sqlite_migrator() -> Migrator {
+    Migrator::with_migrations(vec![migration(
+        1,
+        include_str!("../../migrations/sqlite/0001_initial.sql"),
+    )])
+}
+
+fn postgres_migrator() -> Migrator {
+    Migrator::with_migrations(vec![migration(
+        1,
+        include_str!("../../migrations/postgres/0001_initial.sql"),
+    )])
+}
+
+impl SqlStore {
+    /// Opens (creating if needed) a SQLite file and brings its schema up to
+    /// date. `timeout` (`--store-timeout`) bounds both the wait for a lock
+    /// held by another process and the wait for a pooled connection: past
+    /// it, a request gets a 503 rather than hanging.
+    pub async fn open_sqlite(path: &Path, timeout: Duration) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(backend)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Delete)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(timeout)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(SQLITE_CONNECTIONS)
+            .acquire_timeout(timeout)
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        sqlite_migrator()
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Backend(format!("schema migration of {} failed: {e}", path.display())))?;
+        Ok(Self {
+            pool: SqlPool::Sqlite(pool),
+        })
+    }
+
+    /// Connects to PostgreSQL at `url` and brings the schema up to date
+    /// (concurrent replicas take turns: the migrator holds an advisory lock).
+    pub async fn open_postgres(url: &str, timeout: Duration, max_connections: u32) -> Result<Self, StoreError> {
+        let statement_timeout = timeout.as_millis().to_string();
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| {
+                StoreError::Config(format!(
+                    "--store: not a PostgreSQL URL ({})",
+                    redact(&e.to_string(), url)
+                ))
+            })?
+            .options([("statement_timeout", statement_timeout.as_str())])
+            .application_name("token-exchange");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .min_connections(0)
+            .acquire_timeout(timeout)
+            // Recycle idle connections, so a pool drained by a database
+            // restart refills with fresh ones.
+            .idle_timeout(Duration::from_secs(300))
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot connect to PostgreSQL: {}", redact(&e.to_string(), url)))
+            })?;
+        postgres_migrator()
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Backend(format!("schema migration failed: {e}")))?;
+        Ok(Self {
+            pool: SqlPool::Postgres(pool),
+        })
+    }
+}
+
+/// Error texts must not carry the database password.
+fn redact(text: &str, url: &str) -> String {
+    match url::Url::parse(url).ok().and_then(|u| u.password().map(str::to_owned)) {
+        Some(password) if !password.is_empty() => text.replace(&password, "<redacted>"),
+        _ => text.to_owned(),
+    }
+}
+
+fn timestamp(t: OffsetDateTime) -> String {
+    // Unwrap: RFC 3339 formatting fails only for years outside 0..=9999.
+    t.format(&Rfc3339).expect("timestamp within RFC 3339 range")
+}
+
+/// Errors that retrying may cure are `Unavailable`; the rest are `Backend`.
+fn classify(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // SQLite: SQLITE_BUSY and SQLITE_LOCKED, another process held a
+            // lock past the timeout.
+            Some("5" | "6") => StoreError::Unavailable(e.to_string()),
+            // PostgreSQL: connection failures (class 08), shutting down or
+            // starting up (57P01-57P03), statement timeout (57014), too many
+            // connections (53300), serialization failure or deadlock.
+            Some(code)
+                if code.starts_with("08")
+                    || matches!(
+                        code,
+                        "57P01" | "57P02" | "57P03" | "57014" | "53300" | "40001" | "40P01"
+                    ) =>
+            {
+                StoreError::Unavailable(e.to_string())
+            }
+            _ => StoreError::Backend(e.to_string()),
+        },
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+fn backend(e: sqlx::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+macro_rules! key_info {
+    ($r:expr) => {
+        KeyInfo {
+            key_id: $r.try_get("key_id").map_err(backend)?,
+            status: $r.try_get("status").map_err(backend)?,
+            tier: $r.try_get("tier").map_err(backend)?,
+            created_at: $r.try_get("created_at").map_err(backend)?,
+            description: $r.try_get("description").map_err(backend)?,
+        }
+    };
+}
+
+#[async_trait]
+impl IntegrationKeys for SqlStore {
+    async fn integration_key(
+        &self,
+        integration_id: &str,
+        key_id: &str,
+    ) -> Result<Option<IntegrationKeyRecord>, StoreError> {
+        on_pool!(self, pool => {
+            let row = sqlx::query(
+                "SELECT key_hash, status, tier FROM integration_keys WHERE integration_id = $1 AND key_id = $2",
+            )
+            .bind(integration_id)
+            .bind(key_id)
+            .fetch_optional(pool)
+            .await
+            .map_err(classify)?;
+            match row {
+                None => Ok(None),
+                Some(r) => Ok(Some(IntegrationKeyRecord {
+                    key_hash: r.try_get("key_hash").map_err(backend)?,
+                    status: r.try_get("status").map_err(backend)?,
+                    tier: r.try_get("tier").map_err(backend)?,
+                })),
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl AutojoinKeys for SqlStore {
+    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
+        let hash = key.secret().sha256_hex();
+        on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT org FROM autojoin_keys WHERE key_hash = $1")
+                .bind(&hash)
+                .fetch_optional(pool)
+                .await
+                .map_err(classify)
+        })
+    }
+}
+
+#[async_trait]
+impl Backend for SqlStore {
+    fn backend(&self) -> &'static str {
+        match self.pool {
+            SqlPool::Sqlite(_) => "sqlite",
+            SqlPool::Postgres(_) => "postgres",
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // A read of a real table, so a lock held by another process shows.
+        on_pool!(self, pool => {
+            sqlx::query("SELECT key_id FROM integration_keys LIMIT 1")
+                .fetch_optional(pool)
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
+    }
+}
+
+#[async_trait]
+impl Admin for SqlStore {
+    async fn create_integration_key(&self, key: &NewIntegrationKey) -> Result<bool, StoreError> {
+        let created_at = timestamp(key.created_at);
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await.map_err(classify)?;
+            let created = sqlx::query(
+                "INSERT INTO integrations (integration_id, description, created_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (integration_id) DO NOTHING",
+            )
+            .bind(&key.integration_id)
+            .bind(&key.integration_description)
+            .bind(&created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected()
+                == 1;
+            sqlx::query(
+                "INSERT INTO integration_keys
+                     (integration_id, key_id, key_hash, status, tier, description, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&key.integration_id)
+            .bind(&key.key_id)
+            .bind(&key.key_hash)
+            .bind(super::STATUS_ACTIVE)
+            .bind(key.tier)
+            .bind(&key.key_description)
+            .bind(&created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists(format!("key {} of integration {}", key.key_id, key.integration_id))
+                } else {
+                    classify(e)
+                }
+            })?;
+            tx.commit().await.map_err(classify)?;
+            Ok(created)
+        })
+    }
+
+    async fn is_empty(&self) -> Result<bool, StoreError> {
+        on_pool!(self, pool => {
+            let any: Option<String> = sqlx::query_scalar("SELECT integration_id FROM integrations LIMIT 1")
+                .fetch_optional(pool)
+                .await
+                .map_err(classify)?;
+            Ok(any.is_none())
+        })
+    }
+
+    async fn create_org(&self, name: &str, email: &str, now: OffsetDateTime) -> Result<(), StoreError> {
+        let created_at = timestamp(now);
+        on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO organizations (name, email, created_at, probability_multiplier)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(name)
+            .bind(email)
+            .bind(&created_at)
+            .bind(1.0_f64)
+            .execute(pool)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists(format!("organization {name}"))
+                } else {
+                    classify(e)
+                }
+            })?;
+            Ok(())
+        })
+    }
+
+    async fn create_autojoin_key(
+        &self,
+        org: &str,
+        key: &AutojoinApiKey,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let (hash, created_at) = (key.secret().sha256_hex(), timestamp(now));
+        on_pool!(self, pool => {
+            // INSERT ... SELECT inserts nothing when the organization is
+            // missing, which tells "no such organization" apart in one statement.
+            let inserted = sqlx::query(
+                "INSERT INTO autojoin_keys (key_hash, org, created_at)
+                 SELECT $1, name, $3 FROM organizations WHERE name = $2",
+            )
+            .bind(&hash)
+            .bind(org)
+            .bind(&created_at)
+            .execute(pool)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists("that autojoin key".into())
+                } else {
+                    classify(e)
+                }
+            })?
+            .rows_affected();
+            if inserted == 0 {
+                return Err(StoreError::NotFound(format!("organization {org}")));
+            }
+            Ok(())
+        })
+    }
+
+    async fn list_integrations(&self) -> Result<Vec<IntegrationInfo>, StoreError> {
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT integration_id, description, created_at FROM integrations ORDER BY integration_id",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(classify)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(IntegrationInfo {
+                        integration_id: r.try_get("integration_id").map_err(backend)?,
+                        description: r.try_get("description").map_err(backend)?,
+                        created_at: r.try_get("created_at").map_err(backend)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    async fn list_integration_keys(&self, integration_id: &str) -> Result<Vec<KeyInfo>, StoreError> {
+        self.require(
+            "SELECT integration_id FROM integrations WHERE integration_id = $1",
+            integration_id,
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("integration {integration_id}")))?;
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT key_id, status, tier, created_at, description FROM integration_keys
+                 WHERE integration_id = $1 ORDER BY key_id",
+            )
+            .bind(integration_id)
+            .fetch_all(pool)
+            .await
+            .map_err(classify)?;
+            rows.iter().map(|r| Ok(key_info!(r))).collect()
+        })
+    }
+
+    async fn get_integration_key(&self, integration_id: &str, key_id: &str) -> Result<KeyInfo, StoreError> {
+        on_pool!(self, pool => {
+            let row = sqlx::query(
+                "SELECT key_id, status, tier, created_at, description FROM integration_keys
+                 WHERE integration_id = $1 AND key_id = $2",
+            )
+            .bind(integration_id)
+            .bind(key_id)
+            .fetch_optional(pool)
+            .await
+            .map_err(classify)?
+            .ok_or_else(|| key_not_found(integration_id, key_id))?;
+            Ok(key_info!(row))
+        })
+    }
+
+    async fn delete_integration(&self, integration_id: &str) -> Result<usize, StoreError> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await.map_err(classify)?;
+            let keys = sqlx::query("DELETE FROM integration_keys WHERE integration_id = $1")
+                .bind(integration_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            let deleted = sqlx::query("DELETE FROM integrations WHERE integration_id = $1")
+                .bind(integration_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            if deleted == 0 {
+                // Dropping the transaction rolls it back: nothing changes.
+                return Err(StoreError::NotFound(format!("integration {integration_id}")));
+            }
+            tx.commit().await.map_err(classify)?;
+            Ok(usize::try_from(keys).unwrap_or(usize::MAX))
+        })
+    }
+
+    async fn update_integration_key(
+        &self,
+        integration_id: &str,
+        key_id: &str,
+        change: KeyChange,
+    ) -> Result<(), StoreError> {
+        let updated = on_pool!(self, pool => {
+            let query = match &change {
+                KeyChange::Status(status) => {
+                    sqlx::query("UPDATE integration_keys SET status = $1 WHERE integration_id = $2 AND key_id = $3")
+                        .bind(status.clone())
+                }
+                KeyChange::Tier(tier) => {
+                    sqlx::query("UPDATE integration_keys SET tier = $1 WHERE integration_id = $2 AND key_id = $3")
+                        .bind(*tier)
+                }
+            };
+            query
+                .bind(integration_id)
+                .bind(key_id)
+                .execute(pool)
+                .await
+                .map_err(classify)?
+                .rows_affected()
+        });
+        if updated == 0 {
+            return Err(key_not_found(integration_id, key_id));
+        }
+        Ok(())
+    }
+
+    async fn delete_integration_key(&self, integration_id: &str, key_id: &str) -> Result<(), StoreError> {
+        let deleted = on_pool!(self, pool => {
+            sqlx::query("DELETE FROM integration_keys WHERE integration_id = $1 AND key_id = $2")
+                .bind(integration_id)
+                .bind(key_id)
+                .execute(pool)
+                .await
+                .map_err(classify)?
+                .rows_affected()
+        });
+        if deleted == 0 {
+            return Err(key_not_found(integration_id, key_id));
+        }
+        Ok(())
+    }
+
+    async fn list_orgs(&self) -> Result<Vec<OrgInfo>, StoreError> {
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT name, email, created_at, probability_multiplier FROM organizations ORDER BY name",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(classify)?;
+            rows.iter()
+                .map(|r| {
+                    Ok(OrgInfo {
+                        org: r.try_get("name").map_err(backend)?,
+                        email: r.try_get("email").map_err(backend)?,
+                        created_at: r.try_get("created_at").map_err(backend)?,
+                        probability_multiplier: r.try_get("probability_multiplier").map_err(backend)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    async fn list_autojoin_keys(&self, org: &str) -> Result<Vec<AutojoinKeyInfo>, StoreError> {
+        self.require("SELECT name FROM organizations WHERE name = $1", org)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("organization {org}")))?;
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT key_hash, created_at FROM autojoin_keys WHERE org = $1 ORDER BY created_at, key_hash",
+            )
+            .bind(org)
+            .fetch_all(pool)
+            .await
+            .map_err(classify)?;
+            rows.iter()
+                .map(|r| {
+                    let hash: String = r.try_get("key_hash").map_err(backend)?;
+                    Ok(AutojoinKeyInfo {
+                        fingerprint: hash[..FINGERPRINT_LEN.min(hash.len())].to_owned(),
+                        created_at: r.try_get("created_at").map_err(backend)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError> {
+        check_fingerprint(fingerprint)?;
+        // The fingerprint is checked to be hex, so it holds no LIKE wildcard.
+        let prefix = format!("{fingerprint}%");
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await.map_err(classify)?;
+            let matches: Vec<String> =
+                sqlx::query_scalar("SELECT key_hash FROM autojoin_keys WHERE org = $1 AND key_hash LIKE $2")
+                    .bind(org)
+                    .bind(&prefix)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            match matches.as_slice() {
+                [] => Err(StoreError::NotFound(format!("a key with fingerprint {fingerprint} in organization {org}"))),
+                [hash] => {
+                    sqlx::query("DELETE FROM autojoin_keys WHERE key_hash = $1")
+                        .bind(hash)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?;
+                    tx.commit().await.map_err(classify)
+                }
+                _ => Err(StoreError::Ambiguous(format!(
+                    "{} keys of organization {org} start with {fingerprint}; give more of the fingerprint",
+                    matches.len()
+                ))),
+            }
+        })
+    }
+
+    async fn delete_org(&self, org: &str) -> Result<usize, StoreError> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await.map_err(classify)?;
+            let keys = sqlx::query("DELETE FROM autojoin_keys WHERE org = $1")
+                .bind(org)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            let deleted = sqlx::query("DELETE FROM organizations WHERE name = $1")
+                .bind(org)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            if deleted == 0 {
+                return Err(StoreError::NotFound(format!("organization {org}")));
+            }
+            tx.commit().await.map_err(classify)?;
+            Ok(usize::try_from(keys).unwrap_or(usize::MAX))
+        })
+    }
+}
+
+impl SqlStore {
+    /// The one text column `sql` selects with `$1 = value`, if a row matches.
+    async fn require(&self, sql: &'static str, value: &str) -> Result<Option<String>, StoreError> {
+        on_pool!(self, pool => {
+            sqlx::query_scalar(sql).bind(value).fetch_optional(pool).await.map_err(classify)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api_key::IntegrationApiKey;
+
+    async fn store() -> (tempfile::TempDir, SqlStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqlStore::open_sqlite(&dir.path().join("t.db"), Duration::from_secs(2))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    fn new_key(int: &str, key: &IntegrationApiKey, tier: i64) -> NewIntegrationKey {
+        NewIntegrationKey {
+            integration_id: int.into(),
+            integration_description: "d".into(),
+            key_id: key.key_id().into(),
+            key_hash: key.secret().sha256_hex(),
+            key_description: "k".into(),
+            tier,
+            created_at: OffsetDateTime::now_utc(),
+        }
+    }
+
+    #[tokio::test]
+    async fn integration_keys_round_trip() {
+        let (_dir, s) = store().await;
+        assert!(s.is_empty().await.unwrap());
+        let k = IntegrationApiKey::generate("acme", None);
+        assert!(s.create_integration_key(&new_key("acme", &k, 3)).await.unwrap());
+        assert!(!s.is_empty().await.unwrap());
+        let rec = s.integration_key("acme", k.key_id()).await.unwrap().unwrap();
+        assert_eq!(rec.status, "active");
+        assert_eq!(rec.tier, 3);
+        assert!(k.secret().matches_hash(&rec.key_hash));
+        assert_eq!(s.integration_key("acme", "ki_other").await.unwrap(), None);
+        assert_eq!(s.integration_key("other", k.key_id()).await.unwrap(), None);
+
+        // A second key reuses the integration; the same key ID is refused.
+        let k2 = IntegrationApiKey::generate("acme", None);
+        assert!(!s.create_integration_key(&new_key("acme", &k2, 0)).await.unwrap());
+        let dup = IntegrationApiKey::generate("acme", Some(k.key_id()));
+        assert!(matches!(
+            s.create_integration_key(&new_key("acme", &dup, 0)).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        // The refused duplicate did not replace the original.
+        let rec = s.integration_key("acme", k.key_id()).await.unwrap().unwrap();
+        assert!(k.secret().matches_hash(&rec.key_hash));
+    }
+
+    #[tokio::test]
+    async fn autojoin_keys_round_trip() {
+        let (_dir, s) = store().await;
+        let now = OffsetDateTime::now_utc();
+        let key = AutojoinApiKey::generate();
+        assert!(matches!(
+            s.create_autojoin_key("mlab", &key, now).await,
+            Err(StoreError::NotFound(_))
+        ));
+        s.create_org("mlab", "ops@example.org", now).await.unwrap();
+        assert!(matches!(
+            s.create_org("mlab", "x@example.org", now).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        s.create_autojoin_key("mlab", &key, now).await.unwrap();
+        assert_eq!(s.autojoin_org(&key).await.unwrap().as_deref(), Some("mlab"));
+        assert_eq!(s.autojoin_org(&AutojoinApiKey::generate()).await.unwrap(), None);
+        // Only the hash is stored.
+        let SqlPool::Sqlite(pool) = &s.pool else { unreachable!() };
+        let stored: String = sqlx::query_scalar("SELECT key_hash FROM autojoin_keys")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_ne!(stored, key.secret().expose());
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_data_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let k = IntegrationApiKey::generate("acme", None);
+        {
+            let s = SqlStore::open_sqlite(&path, Duration::from_secs(2)).await.unwrap();
+            s.create_integration_key(&new_key("acme", &k, 0)).await.unwrap();
+        }
+        let s = SqlStore::open_sqlite(&path, Duration::from_secs(2)).await.unwrap();
+        assert!(s.integration_key("acme", k.key_id()).await.unwrap().is_some());
+    }
+}
