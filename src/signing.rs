@@ -506,7 +506,7 @@ pub fn load_public_keys(path: &Path) -> Result<Vec<PublicJwk>, KeyError> {
     })
 }
 
-fn public_keys_from_json(bytes: &[u8]) -> Result<Vec<PublicJwk>, JwkError> {
+pub fn public_keys_from_json(bytes: &[u8]) -> Result<Vec<PublicJwk>, JwkError> {
     #[derive(Deserialize)]
     struct Set {
         keys: Vec<JwkMembers>,

@@ -52,6 +52,8 @@ pub struct Settings {
     pub cache: CacheSettings,
     /// Time for TTLs; the system clock outside tests.
     pub clock: Arc<dyn Clock>,
+    /// Time tokens are issued at; the system clock outside tests.
+    pub wall_clock: WallClock,
     /// Deadline for one request, from its first body byte to its answer.
     pub request_timeout: Duration,
     /// Requests handled at once; more are refused with 503 at once.
@@ -80,6 +82,7 @@ impl Default for Settings {
             readiness: ReadinessWindows::default(),
             cache: CacheSettings::default(),
             clock: Arc::new(SystemClock),
+            wall_clock: Arc::new(SystemTime::now),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_in_flight: default_max_in_flight(),
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
@@ -119,7 +122,7 @@ impl AppState {
         Self {
             keys: Arc::new(ArcSwap::new(keys)),
             validator: Validator::new(instrumented.clone(), instrumented, cache),
-            clock: Arc::new(SystemTime::now),
+            clock: settings.wall_clock.clone(),
             metrics,
             health,
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
