@@ -20,6 +20,7 @@
 //! - [`store`]: the store traits and their backends.
 //! - [`metrics`]: the Prometheus series (the Go service's, and ours).
 //! - [`telemetry`]: log format and level.
+//! - [`json`]: JSON error text that is safe to log.
 //! - [`cli`]: the admin subcommands and `serve`.
 
 pub mod api_key;
@@ -29,6 +30,7 @@ pub mod claims;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod json;
 pub mod metrics;
 pub mod rotation;
 pub mod signing;

@@ -213,11 +213,10 @@ impl SigningKey {
 
     /// Builds a key from the text of a private JWK.
     pub fn from_jwk_json(bytes: &[u8]) -> Result<Self, JwkError> {
-        let members: JwkMembers = serde_json::from_slice(bytes).map_err(|e| {
-            // serde_json's messages give a position and the kind of problem,
-            // never the text around it, so they cannot echo key material.
-            JwkError::NotJson(e.to_string())
-        })?;
+        // Only the kind of error and its position: serde_json's own message
+        // would quote the value, which may be private key material.
+        let members: JwkMembers =
+            serde_json::from_slice(bytes).map_err(|e| JwkError::NotJson(crate::json::describe_error(&e)))?;
         Self::from_members(&members)
     }
 
@@ -506,18 +505,20 @@ pub fn load_public_keys(path: &Path) -> Result<Vec<PublicJwk>, KeyError> {
     })
 }
 
+/// Parses the text of a `--public-key-path` file (see [`load_public_keys`]).
 pub fn public_keys_from_json(bytes: &[u8]) -> Result<Vec<PublicJwk>, JwkError> {
     #[derive(Deserialize)]
     struct Set {
         keys: Vec<JwkMembers>,
     }
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| JwkError::NotJson(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| JwkError::NotJson(crate::json::describe_error(&e)))?;
     let members: Vec<JwkMembers> = if value.get("keys").is_some() {
         serde_json::from_value::<Set>(value)
-            .map_err(|e| JwkError::NotJson(e.to_string()))?
+            .map_err(|e| JwkError::NotJson(crate::json::describe_error(&e)))?
             .keys
     } else {
-        vec![serde_json::from_value(value).map_err(|e| JwkError::NotJson(e.to_string()))?]
+        vec![serde_json::from_value(value).map_err(|e| JwkError::NotJson(crate::json::describe_error(&e)))?]
     };
     members.iter().map(public_from_members).collect()
 }

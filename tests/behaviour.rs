@@ -495,6 +495,9 @@ async fn logs_never_contain_keys_tokens_or_private_keys(backend: Backend) {
                 format!(r#"{{"api_key":"{key}","api_key":"{key}"}}"#),
                 json!({ "api_key": [key] }).to_string(),
                 json!({ "wrong": key }).to_string(),
+                // A JSON string, not an object: serde_json would quote it.
+                json!(key).to_string(),
+                json!({ "api_key": { "nested": key } }).to_string(),
                 key.clone(),
                 format!(r#"{{"api_key":"{key}""#),
             ];

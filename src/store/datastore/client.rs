@@ -126,8 +126,13 @@ impl Client {
             .await
             .map_err(|e| CallError::Transient(format!("{method}: reading the answer: {}", error_chain(&e))))?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes)
-                .map_err(|e| CallError::Permanent(format!("{method}: unexpected answer: {e}")));
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                // Never the serde_json text: it would quote entity values.
+                CallError::Permanent(format!(
+                    "{method}: unexpected answer: {}",
+                    crate::json::describe_error(&e)
+                ))
+            });
         }
         let detail = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_default().error;
         let what = format!("{method}: HTTP {status} {} {}", detail.status, detail.message);
