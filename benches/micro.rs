@@ -14,7 +14,12 @@ use token_exchange::claims::{Claims, Principal};
 use token_exchange::signing::{Algorithm, SigningKey};
 
 /// Nanoseconds per call of `f`, best of `rounds` rounds of about `budget`.
-fn measure(rounds: usize, budget: Duration, mut f: impl FnMut()) -> f64 {
+fn measure(rounds: usize, budget: Duration, f: impl FnMut()) -> f64 {
+    measure_rounds(rounds, budget, f).into_iter().fold(f64::INFINITY, f64::min)
+}
+
+/// Nanoseconds per call of `f` in each of `rounds` rounds.
+fn measure_rounds(rounds: usize, budget: Duration, mut f: impl FnMut()) -> Vec<f64> {
     // Calibrate: how many calls fill the budget.
     let mut n = 1u64;
     loop {
@@ -36,7 +41,7 @@ fn measure(rounds: usize, budget: Duration, mut f: impl FnMut()) -> f64 {
             }
             start.elapsed().as_nanos() as f64 / n as f64
         })
-        .fold(f64::INFINITY, f64::min)
+        .collect()
 }
 
 fn main() {
@@ -63,20 +68,28 @@ fn main() {
             black_box(black_box(text.as_str()).parse::<IntegrationApiKey>().unwrap());
         }),
     ));
+    // The timing check: a wrong secret of the same length as the right one
+    // (one byte changed) must cost the same to check. Rounds alternate so
+    // both see the same machine; noise is the spread between rounds.
     let stored = key.secret().sha256_hex();
-    let wrong = Secret::new(format!("{}x", key.secret().expose()));
-    results.push((
-        "hash_and_compare_right".into(),
-        measure(rounds, budget, || {
+    let mut wrong_text = key.secret().expose().to_owned().into_bytes();
+    wrong_text[0] ^= 1;
+    let wrong = Secret::new(String::from_utf8(wrong_text).unwrap());
+    let (mut right_rounds, mut wrong_rounds) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(3) {
+        right_rounds.extend(measure_rounds(1, budget, || {
             black_box(key.secret().matches_hash(black_box(&stored)));
-        }),
-    ));
-    results.push((
-        "hash_and_compare_wrong".into(),
-        measure(rounds, budget, || {
+        }));
+        wrong_rounds.extend(measure_rounds(1, budget, || {
             black_box(wrong.matches_hash(black_box(&stored)));
-        }),
-    ));
+        }));
+    }
+    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let noise = (max(&right_rounds) - min(&right_rounds)).max(max(&wrong_rounds) - min(&wrong_rounds));
+    results.push(("hash_and_compare_right".into(), min(&right_rounds)));
+    results.push(("hash_and_compare_wrong".into(), min(&wrong_rounds)));
+    results.push(("timing_noise".into(), noise));
 
     for alg in [Algorithm::Rs256, Algorithm::Es256, Algorithm::EdDsa] {
         let (signing_key, _) = SigningKey::generate(alg, None).unwrap();
