@@ -15,7 +15,9 @@ use token_exchange::signing::{Algorithm, SigningKey};
 
 /// Nanoseconds per call of `f`, best of `rounds` rounds of about `budget`.
 fn measure(rounds: usize, budget: Duration, f: impl FnMut()) -> f64 {
-    measure_rounds(rounds, budget, f).into_iter().fold(f64::INFINITY, f64::min)
+    measure_rounds(rounds, budget, f)
+        .into_iter()
+        .fold(f64::INFINITY, f64::min)
 }
 
 /// Nanoseconds per call of `f` in each of `rounds` rounds.
