@@ -76,15 +76,32 @@ pub fn reload(source: &KeySource, keys: &SharedKeys, metrics: &Metrics) -> bool 
     }
 }
 
-/// Reloads on SIGHUP and on file changes, until the process ends.
-pub async fn watch(source: KeySource, keys: SharedKeys, metrics: Arc<Metrics>, interval: Duration) {
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+/// Reloads on SIGHUP and on file changes, until the process ends. The
+/// SIGHUP handler is installed when this is called (before the server says
+/// it listens), so no SIGHUP can arrive unhandled and end the process.
+pub fn watch(
+    source: KeySource,
+    keys: SharedKeys,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGHUP; key files are still polled");
             None
         }
     };
+    watch_loop(source, keys, metrics, interval, hangup)
+}
+
+async fn watch_loop(
+    source: KeySource,
+    keys: SharedKeys,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    mut hangup: Option<tokio::signal::unix::Signal>,
+) {
     let mut seen = source.contents_digest();
     let mut tick = tokio::time::interval(interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -56,11 +56,14 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let app = Application::build(args.listen_addr(), args.metrics_addr(), state)
         .await
         .with_context(|| format!("cannot listen on {} and {}", args.listen_addr(), args.metrics_addr()))?;
+    // Before saying where we listen: from then on, a stop signal must stop
+    // the server gracefully.
+    let stop = shutdown_signal();
     tracing::info!(addr = %app.local_addr(), metrics_addr = %app.metrics_addr(), "listening");
     if let Some(demo) = demo {
         print_dev_instructions(app.port(), &demo);
     }
-    app.run_until_stopped(shutdown_signal()).await?;
+    app.run_until_stopped(stop).await?;
     tracing::info!("stopped");
     Ok(())
 }
