@@ -158,6 +158,25 @@ pub struct PublicJwk {
     pub e: Option<String>,
 }
 
+impl PublicJwk {
+    /// The public members of `m`, whose header was checked to give `kid`
+    /// and `alg`. Only public members are copied: this type has no field
+    /// for any other.
+    fn from_members(m: &JwkMembers, kid: String, alg: Algorithm) -> Self {
+        Self {
+            use_: m.use_.clone(),
+            kty: alg.kty().into(),
+            kid,
+            crv: alg.crv().map(Into::into),
+            alg: alg.as_str().into(),
+            x: m.x.clone(),
+            y: m.y.clone(),
+            n: m.n.clone(),
+            e: m.e.clone(),
+        }
+    }
+}
+
 /// A JWK Set, the body of `/.well-known/jwks.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Jwks {
@@ -226,17 +245,7 @@ impl SigningKey {
             return Err(JwkError::PublicOnly);
         }
 
-        let public = PublicJwk {
-            use_: m.use_.clone(),
-            kty: alg.kty().into(),
-            kid: kid.clone(),
-            crv: alg.crv().map(Into::into),
-            alg: alg.as_str().into(),
-            x: m.x.clone(),
-            y: m.y.clone(),
-            n: m.n.clone(),
-            e: m.e.clone(),
-        };
+        let public = PublicJwk::from_members(m, kid.clone(), alg);
         Self::with_material(m, kid, alg, public)
     }
 
@@ -555,17 +564,7 @@ fn public_from_members(m: &JwkMembers) -> Result<PublicJwk, JwkError> {
             signature::ParsedPublicKey::new(&signature::ED25519, &x).map_err(invalid)?;
         }
     }
-    Ok(PublicJwk {
-        use_: m.use_.clone(),
-        kty: alg.kty().into(),
-        kid,
-        crv: alg.crv().map(Into::into),
-        alg: alg.as_str().into(),
-        x: m.x.clone(),
-        y: m.y.clone(),
-        n: m.n.clone(),
-        e: m.e.clone(),
-    })
+    Ok(PublicJwk::from_members(m, kid, alg))
 }
 
 /// aws-lc could not generate a key; nothing to recover.

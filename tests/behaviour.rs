@@ -430,8 +430,7 @@ async fn metrics_over_the_wire(backend: Backend) {
 /// Keys, secrets, tokens and private key members must not reach the log at
 /// any level, whatever the request does with them.
 async fn logs_never_contain_keys_tokens_or_private_keys(backend: Backend) {
-    use std::process::Stdio;
-    use support::process::{lines, listening_addr, signal, wait_exit};
+    use support::process::{signal, start_server, wait_exit};
 
     let Some(ws) = Workspace::with_backend(backend, "ES256") else {
         return;
@@ -475,16 +474,12 @@ async fn logs_never_contain_keys_tokens_or_private_keys(backend: Backend) {
         fake_org.clone(),
     ];
 
-    let mut child = command()
-        .args(["serve", "--port", "0", "--metrics-port", "0", "--log-level", "trace"])
-        .args(["--private-key-path", ws.key_path.to_str().unwrap()])
-        .args(&ws.store_flags)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = lines(child.stderr.take().unwrap());
-    let addr = listening_addr(&stderr);
+    let (mut child, addr, stderr) = start_server(
+        command()
+            .args(["serve", "--port", "0", "--metrics-port", "0", "--log-level", "trace"])
+            .args(["--private-key-path", ws.key_path.to_str().unwrap()])
+            .args(&ws.store_flags),
+    );
     let client = reqwest::Client::new();
     let url = |path: &str| format!("http://{addr}{path}");
     let mut tokens = Vec::new();

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::process::{lines, listening_addr, signal, wait_exit, wait_for};
+use support::process::{lines, listening_addr, signal, start_server, wait_exit, wait_for};
 use support::{Workspace, command, run_json, run_ok};
 
 fn stderr_of(args: &[&str]) -> (bool, String) {
@@ -211,18 +211,14 @@ async fn serve_reads_the_environment_and_exits_cleanly_on_sigterm() {
     let ws = Workspace::new("ES256");
     let key = ws.integration_key("envco", &[]);
     // Configuration from the environment only; port 0 picks a free port.
-    let mut child = command()
-        .arg("serve")
-        .env("PORT", "0")
-        .env("METRICS_PORT", "0")
-        .env("STORE", ws.store_url())
-        .env("PRIVATE_KEY_PATH", &ws.key_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = lines(child.stderr.take().unwrap());
-    let addr = listening_addr(&stderr);
+    let (mut child, addr, _stderr) = start_server(
+        command()
+            .arg("serve")
+            .env("PORT", "0")
+            .env("METRICS_PORT", "0")
+            .env("STORE", ws.store_url())
+            .env("PRIVATE_KEY_PATH", &ws.key_path),
+    );
     let client = reqwest::Client::new();
     let response = client
         .post(format!("http://{addr}/v0/token/integration"))
@@ -332,16 +328,12 @@ async fn serve_dev_needs_no_setup_and_prints_a_working_curl() {
 async fn serve_survives_a_closed_log_pipe() {
     let ws = Workspace::new("EdDSA");
     let key = ws.integration_key("pipes", &[]);
-    let mut child = command()
-        .args(["serve", "--port", "0", "--metrics-port", "0", "--store", ws.store_url()])
-        .args(["--private-key-path", ws.key_path.to_str().unwrap()])
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = lines(child.stderr.take().unwrap());
-    let addr = listening_addr(&stderr);
+    let (mut child, addr, stderr) = start_server(
+        command()
+            .args(["serve", "--port", "0", "--metrics-port", "0", "--store", ws.store_url()])
+            .args(["--private-key-path", ws.key_path.to_str().unwrap()])
+            .env("RUST_LOG", "debug"),
+    );
     // Whoever read the log went away (a crashed log shipper, `| head`).
     drop(stderr);
     std::thread::sleep(Duration::from_millis(200));

@@ -3,23 +3,19 @@
 
 mod support;
 
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use support::process::{lines, listening_addr, signal, wait_exit};
+use support::process::{signal, start_server, wait_exit};
 use support::{Backend, Workspace, command};
 
 fn replica(ws: &Workspace) -> (Child, String, std::sync::mpsc::Receiver<String>) {
-    let mut child = command()
-        .args(["serve", "--port", "0", "--metrics-port", "0", "--key-cache-ttl", "1s"])
-        .args(["--private-key-path", ws.key_path.to_str().unwrap()])
-        .args(&ws.store_flags)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = lines(child.stderr.take().unwrap());
-    let addr = listening_addr(&stderr);
+    let (child, addr, stderr) = start_server(
+        command()
+            .args(["serve", "--port", "0", "--metrics-port", "0", "--key-cache-ttl", "1s"])
+            .args(["--private-key-path", ws.key_path.to_str().unwrap()])
+            .args(&ws.store_flags),
+    );
     (child, format!("http://{addr}"), stderr)
 }
 

@@ -442,27 +442,13 @@ impl Admin for SqlStore {
     }
 
     async fn delete_integration(&self, integration_id: &str) -> Result<usize, StoreError> {
-        on_pool!(self, pool => {
-            let mut tx = pool.begin().await.map_err(classify)?;
-            let keys = sqlx::query("DELETE FROM integration_keys WHERE integration_id = $1")
-                .bind(integration_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
-            let deleted = sqlx::query("DELETE FROM integrations WHERE integration_id = $1")
-                .bind(integration_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
-            if deleted == 0 {
-                // Dropping the transaction rolls it back: nothing changes.
-                return Err(StoreError::NotFound(format!("integration {integration_id}")));
-            }
-            tx.commit().await.map_err(classify)?;
-            Ok(usize::try_from(keys).unwrap_or(usize::MAX))
-        })
+        self.delete_with_children(
+            "DELETE FROM integration_keys WHERE integration_id = $1",
+            "DELETE FROM integrations WHERE integration_id = $1",
+            integration_id,
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("integration {integration_id}")))
     }
 
     async fn update_integration_key(
@@ -589,30 +575,38 @@ impl Admin for SqlStore {
     }
 
     async fn delete_org(&self, org: &str) -> Result<usize, StoreError> {
-        on_pool!(self, pool => {
-            let mut tx = pool.begin().await.map_err(classify)?;
-            let keys = sqlx::query("DELETE FROM autojoin_keys WHERE org = $1")
-                .bind(org)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
-            let deleted = sqlx::query("DELETE FROM organizations WHERE name = $1")
-                .bind(org)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
-            if deleted == 0 {
-                return Err(StoreError::NotFound(format!("organization {org}")));
-            }
-            tx.commit().await.map_err(classify)?;
-            Ok(usize::try_from(keys).unwrap_or(usize::MAX))
-        })
+        self.delete_with_children(
+            "DELETE FROM autojoin_keys WHERE org = $1",
+            "DELETE FROM organizations WHERE name = $1",
+            org,
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("organization {org}")))
     }
 }
 
 impl SqlStore {
+    /// Deletes a row and its children in one transaction; returns how many
+    /// children went, or `None` (and changes nothing) if the row is missing.
+    async fn delete_with_children(
+        &self,
+        children: &'static str,
+        parent: &'static str,
+        id: &str,
+    ) -> Result<Option<usize>, StoreError> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await.map_err(classify)?;
+            let removed = sqlx::query(children).bind(id).execute(&mut *tx).await.map_err(classify)?.rows_affected();
+            let deleted = sqlx::query(parent).bind(id).execute(&mut *tx).await.map_err(classify)?.rows_affected();
+            if deleted == 0 {
+                // Dropping the transaction rolls it back: nothing changes.
+                return Ok(None);
+            }
+            tx.commit().await.map_err(classify)?;
+            Ok(Some(usize::try_from(removed).unwrap_or(usize::MAX)))
+        })
+    }
+
     /// The one text column `sql` selects with `$1 = value`, if a row matches.
     async fn require(&self, sql: &'static str, value: &str) -> Result<Option<String>, StoreError> {
         on_pool!(self, pool => {

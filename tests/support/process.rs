@@ -49,6 +49,19 @@ pub fn listening_addr(stderr: &mpsc::Receiver<String>) -> String {
     listening_addrs(stderr).0
 }
 
+/// Starts a `serve` command with its log piped; returns the process, its
+/// API address and its log lines.
+pub fn start_server(cmd: &mut std::process::Command) -> (Child, String, mpsc::Receiver<String>) {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the server");
+    let stderr = lines(child.stderr.take().unwrap());
+    let addr = listening_addr(&stderr);
+    (child, addr, stderr)
+}
+
 pub fn signal(child: &Child, name: &str) {
     let status = std::process::Command::new("kill")
         .args([&format!("-{name}"), &child.id().to_string()])
