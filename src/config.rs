@@ -20,11 +20,18 @@ pub const DEFAULT_STORE: &str = "sqlite:token-exchange.db";
 #[command(
     name = "token-exchange",
     version,
-    about = "Exchanges API keys for short-lived signed JWTs"
+    about = "Exchanges API keys for short-lived signed JWTs",
+    // Without a subcommand the binary serves, taking `serve`'s flags, as the
+    // Go service's binary does: its deployments run it with no arguments
+    // and configure it through the environment.
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
     /// Log format [default: json for serve, text for admin commands].
     #[arg(long, global = true, env = "LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -104,6 +111,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         other => return Err(format!("unknown unit {other:?}; use ms, s, m or h")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+impl Cli {
+    /// The chosen subcommand; `serve` (with the top-level flags) when none
+    /// is given.
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Serve(self.serve))
+    }
 }
 
 impl StoreArgs {
@@ -411,9 +426,21 @@ mod tests {
     }
 
     #[test]
+    fn no_subcommand_means_serve_as_the_go_binary_does() {
+        let cli = Cli::try_parse_from(["token-exchange", "--port", "9001", "--dev"]).unwrap();
+        let Command::Serve(args) = cli.into_command() else {
+            panic!("not serve")
+        };
+        assert_eq!(args.port, 9001);
+        assert!(args.dev);
+        // Server flags do not mix with an admin subcommand.
+        assert!(Cli::try_parse_from(["token-exchange", "--dev", "keygen", "--alg", "RS256", "--out", "x"]).is_err());
+    }
+
+    #[test]
     fn flags_have_their_defaults() {
         let cli = Cli::try_parse_from(["token-exchange", "serve"]).unwrap();
-        let Command::Serve(args) = cli.command else {
+        let Command::Serve(args) = cli.into_command() else {
             panic!("not serve")
         };
         // Defaults only hold when the environment does not set them.
@@ -424,7 +451,7 @@ mod tests {
             assert_eq!(args.store.store_url(), DEFAULT_STORE);
         }
         let cli = Cli::try_parse_from(["token-exchange", "serve", "--port", "9000", "--dev"]).unwrap();
-        let Command::Serve(args) = cli.command else {
+        let Command::Serve(args) = cli.into_command() else {
             panic!("not serve")
         };
         assert_eq!(args.listen_addr(), "127.0.0.1:9000".parse().unwrap());

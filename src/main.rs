@@ -10,8 +10,8 @@ async fn main() -> ExitCode {
     // The server logs JSON at info for log pipelines; admin commands print
     // their results on stdout and keep a human-readable log to warnings.
     let (default_format, default_level) = match cli.command {
-        Command::Serve(_) => (LogFormat::Json, "info"),
-        _ => (LogFormat::Text, "warn"),
+        None | Some(Command::Serve(_)) => (LogFormat::Json, "info"),
+        Some(_) => (LogFormat::Text, "warn"),
     };
     let format = cli.log_format.unwrap_or(default_format);
     if let Err(e) = telemetry::init(format, cli.log_level.as_deref(), default_level) {

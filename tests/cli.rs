@@ -210,10 +210,10 @@ fn serve_refuses_missing_or_broken_key_files() {
 async fn serve_reads_the_environment_and_exits_cleanly_on_sigterm() {
     let ws = Workspace::new("ES256");
     let key = ws.integration_key("envco", &[]);
-    // Configuration from the environment only; port 0 picks a free port.
+    // Configuration from the environment only, and no subcommand: how the
+    // Go service's deployments run it. Port 0 picks a free port.
     let (mut child, addr, _stderr) = start_server(
         command()
-            .arg("serve")
             .env("PORT", "0")
             .env("METRICS_PORT", "0")
             .env("STORE", ws.store_url())

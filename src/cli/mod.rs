@@ -10,7 +10,7 @@ use crate::config::{AutojoinCommand, Cli, Command, IntegrationCommand};
 
 /// Runs the chosen subcommand.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    match cli.into_command() {
         Command::Serve(args) => serve::run(args).await,
         Command::Keygen(args) => keygen::run(&args),
         Command::Integration(IntegrationCommand::Create(args)) => admin::integration_create(&args).await,
