@@ -32,7 +32,7 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub serve: ServeArgs,
-    /// Log format [default: json for serve, text for admin commands].
+    /// Log format [default: json for serve, text for serve --dev and admin commands].
     #[arg(long, global = true, env = "LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// Log filter, e.g. `info` or `token_exchange=debug,info`

@@ -7,9 +7,12 @@ use token_exchange::telemetry::{self, LogFormat};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The server logs JSON at info for log pipelines; admin commands print
-    // their results on stdout and keep a human-readable log to warnings.
-    let (default_format, default_level) = match cli.command {
+    // The server logs JSON at info for log pipelines, but text for someone
+    // trying it with --dev; admin commands print their results on stdout
+    // and keep a human-readable log to warnings.
+    let (default_format, default_level) = match &cli.command {
+        None if cli.serve.dev => (LogFormat::Text, "info"),
+        Some(Command::Serve(args)) if args.dev => (LogFormat::Text, "info"),
         None | Some(Command::Serve(_)) => (LogFormat::Json, "info"),
         Some(_) => (LogFormat::Text, "warn"),
     };
