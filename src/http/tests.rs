@@ -577,7 +577,10 @@ async fn ready_follows_the_store() {
     }
     let allowed = 1 + (started.elapsed().as_millis() / windows.probe_interval.as_millis()) as usize;
     let probes = f.store.pings.load(Ordering::SeqCst) - pings;
-    assert!((1..=allowed).contains(&probes), "{probes} probes, at most {allowed} allowed");
+    assert!(
+        (1..=allowed).contains(&probes),
+        "{probes} probes, at most {allowed} allowed"
+    );
     f.store.down.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(call(&state, Method::GET, "/ready", "").await.status, StatusCode::OK);
