@@ -270,9 +270,7 @@ impl AutojoinApiKey {
 
     /// A short, non-reversible name for the key, safe to show and to log.
     pub fn fingerprint(&self) -> String {
-        let mut hash = self.0.sha256_hex();
-        hash.truncate(FINGERPRINT_LEN);
-        hash
+        fingerprint_of_hash(&self.0.sha256_hex())
     }
 }
 
@@ -288,6 +286,12 @@ impl FromStr for AutojoinApiKey {
         }
         Ok(Self(Secret(key.to_owned())))
     }
+}
+
+/// The fingerprint of an autojoin key, given the hex SHA-256 of the key:
+/// its first [`FINGERPRINT_LEN`] digits.
+pub fn fingerprint_of_hash(sha256_hex: &str) -> String {
+    sha256_hex.chars().take(FINGERPRINT_LEN).collect()
 }
 
 /// A new key ID: `ki_` and 16 lowercase hex characters.

@@ -344,7 +344,7 @@ pub enum AutojoinCommand {
     CreateOrg(CreateOrgArgs),
     /// Create an API key for an existing organization. Prints the key; it
     /// cannot be shown again.
-    CreateKey(CreateKeyArgs),
+    CreateKey(OrgRef),
     /// List the organizations.
     ListOrgs(ListArgs),
     /// List an organization's keys, by fingerprint (never the key).
@@ -385,18 +385,6 @@ pub struct CreateOrgArgs {
     /// Contact address of the organization.
     #[arg(long)]
     pub email: String,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub store: StoreArgs,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct CreateKeyArgs {
-    /// Organization name.
-    #[arg(long)]
-    pub org: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,

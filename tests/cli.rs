@@ -263,6 +263,20 @@ async fn a_flag_beats_the_environment() {
     assert_eq!(wait_exit(&mut child).code(), Some(0));
 }
 
+/// Runs a `curl -s -X POST URL -d 'BODY'` line that `serve --dev` printed;
+/// returns the status.
+async fn run_printed_curl(line: &str) -> u16 {
+    let body = line.split("-d '").nth(1).unwrap().trim_end_matches('\'');
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap();
+    let response = reqwest::Client::new()
+        .post(url)
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    response.status().as_u16()
+}
+
 #[tokio::test]
 async fn serve_dev_needs_no_setup_and_prints_a_working_curl() {
     let dir = tempfile::tempdir().unwrap();
@@ -289,26 +303,10 @@ async fn serve_dev_needs_no_setup_and_prints_a_working_curl() {
             addr.starts_with("127.0.0.1:"),
             "dev mode listens on loopback only: {addr}"
         );
-        let curl = wait_for(&stdout, "/v0/token/integration -d");
-        let body = curl.split("-d '").nth(1).unwrap().trim_end_matches('\'');
-        let url = curl.split_whitespace().find(|w| w.starts_with("http://")).unwrap();
-        let response = reqwest::Client::new()
-            .post(url)
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200, "round {round}");
-        let auto = wait_for(&stdout, "/v0/token/autojoin -d");
-        let body = auto.split("-d '").nth(1).unwrap().trim_end_matches('\'');
-        let url = auto.split_whitespace().find(|w| w.starts_with("http://")).unwrap();
-        let response = reqwest::Client::new()
-            .post(url)
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200, "round {round}");
+        for route in ["integration", "autojoin"] {
+            let status = run_printed_curl(&wait_for(&stdout, &format!("/v0/token/{route} -d"))).await;
+            assert_eq!(status, 200, "{route}, round {round}");
+        }
         let jwks: Value = reqwest::get(format!("http://{addr}/.well-known/jwks.json"))
             .await
             .unwrap()

@@ -8,7 +8,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::api_key::{self, AutojoinApiKey, IntegrationApiKey, KEY_ID_PREFIX};
-use crate::config::{CreateKeyArgs, CreateOrgArgs, IntegrationCreateArgs, StoreArgs};
+use crate::config::{CreateOrgArgs, IntegrationCreateArgs, OrgRef, StoreArgs};
 use crate::store::{self, NewIntegrationKey, Store};
 
 pub(super) async fn open(args: &StoreArgs) -> anyhow::Result<std::sync::Arc<dyn Store>> {
@@ -113,7 +113,7 @@ pub async fn create_autojoin_key(store: &dyn Store, org: &str) -> anyhow::Result
     Ok(key)
 }
 
-pub(super) async fn autojoin_create_key(args: &CreateKeyArgs) -> anyhow::Result<()> {
+pub(super) async fn autojoin_create_key(args: &OrgRef) -> anyhow::Result<()> {
     let store = open(&args.store).await?;
     let key = create_autojoin_key(store.as_ref(), &args.org).await?;
     if args.json {

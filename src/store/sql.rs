@@ -31,7 +31,7 @@ use super::{
     Admin, AutojoinKeyInfo, AutojoinKeys, Backend, IntegrationInfo, IntegrationKeyRecord, IntegrationKeys, KeyChange,
     KeyInfo, NewIntegrationKey, OrgInfo, StoreError, check_fingerprint, key_not_found,
 };
-use crate::api_key::{AutojoinApiKey, FINGERPRINT_LEN};
+use crate::api_key::{AutojoinApiKey, fingerprint_of_hash};
 
 /// SQLite connections in the pool. SQLite serialises writers anyway; a few
 /// readers in parallel are plenty on two cores.
@@ -535,7 +535,7 @@ impl Admin for SqlStore {
                 .map(|r| {
                     let hash: String = r.try_get("key_hash").map_err(backend)?;
                     Ok(AutojoinKeyInfo {
-                        fingerprint: hash[..FINGERPRINT_LEN.min(hash.len())].to_owned(),
+                        fingerprint: fingerprint_of_hash(&hash),
                         created_at: r.try_get("created_at").map_err(backend)?,
                     })
                 })

@@ -178,9 +178,7 @@ fn fingerprint_of_full(e: &Entity) -> String {
 }
 
 fn fingerprint_of(e: &Entity) -> String {
-    let mut hash = fingerprint_of_full(e);
-    hash.truncate(crate::api_key::FINGERPRINT_LEN);
-    hash
+    crate::api_key::fingerprint_of_hash(&fingerprint_of_full(e))
 }
 
 /// Runs of a transaction before giving up on contention.
