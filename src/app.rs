@@ -14,6 +14,72 @@ use crate::http::{AppState, metrics_router, router};
 /// Matches the Go service; Kubernetes' default grace period is also 30 s.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// Where a listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddress {
+    /// Every interface, IPv6 and IPv4 (`:8080` in Go), or IPv4 alone where
+    /// the machine has no IPv6.
+    Everywhere(u16),
+    /// One `host:port` (a name is resolved; the first address that binds wins).
+    Exact(String),
+}
+
+impl ListenAddress {
+    /// Parses Go's forms: `:PORT` or `HOST:PORT` (`[::1]:PORT` for IPv6).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{text:?} is not an address like :9990 or 127.0.0.1:9990"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{text:?}: the port must be a number from 0 to 65535"))?;
+        if host.is_empty() {
+            Ok(Self::Everywhere(port))
+        } else {
+            Ok(Self::Exact(text.to_owned()))
+        }
+    }
+
+    /// Binds a listener here.
+    pub async fn bind(&self) -> io::Result<TcpListener> {
+        match self {
+            Self::Exact(addr) => TcpListener::bind(addr.as_str()).await,
+            Self::Everywhere(port) => match bind_dual_stack(*port) {
+                Ok(listener) => Ok(listener),
+                // No IPv6 on this machine (module absent or disabled). A
+                // port in use or not ours would fail on IPv4 too: say so.
+                Err(e) if !matches!(e.kind(), io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied) => {
+                    tracing::debug!(error = %e, "no IPv6; listening on IPv4 only");
+                    TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, *port)).await
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Everywhere(port) => write!(f, ":{port}"),
+            Self::Exact(addr) => f.write_str(addr),
+        }
+    }
+}
+
+/// `[::]:port` accepting IPv4 too (mapped addresses), whatever the
+/// system's `bindv6only` default, with the options tokio's own bind sets.
+fn bind_dual_stack(port: u16) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// A bound, not yet running, server: the API and the metrics listener.
 pub struct Application {
     api: TcpListener,
@@ -30,13 +96,18 @@ impl Application {
     pub async fn build(addr: SocketAddr, metrics_addr: SocketAddr, state: AppState) -> io::Result<Self> {
         let api = TcpListener::bind(addr).await?;
         let metrics = TcpListener::bind(metrics_addr).await?;
-        Ok(Self {
+        Ok(Self::with_listeners(api, metrics, state))
+    }
+
+    /// Serves on listeners bound elsewhere (see [`ListenAddress::bind`]).
+    pub fn with_listeners(api: TcpListener, metrics: TcpListener, state: AppState) -> Self {
+        Self {
             api,
             header_read_timeout: state.settings.header_read_timeout,
             metrics_router: metrics_router(state.metrics.clone()),
             api_router: router(state),
             metrics,
-        })
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -2,19 +2,30 @@
 //! environment (upper case, `-` as `_`: `--port` / `PORT`); a flag on the
 //! command line wins, as with the Go service's flagx.
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::app::ListenAddress;
 use crate::signing::Algorithm;
 use crate::telemetry::LogFormat;
 
 /// Where the Go service, and so every deployment manifest, keeps the key.
 pub const DEFAULT_PRIVATE_KEY_PATH: &str = "/secrets/jwk-priv.json";
-/// The embedded store, in the working directory.
-pub const DEFAULT_STORE: &str = "sqlite:token-exchange.db";
+/// Datastore, as the Go programs use: a deployment that sets no store must
+/// read the keys the Go tools wrote, not an empty local file.
+pub const DEFAULT_STORE: &str = "datastore";
+/// Variables read outside clap: by Google's client conventions, the log
+/// filter, and Go's metrics address (see [`ServeArgs`]).
+pub const OTHER_ENVIRONMENT: &[&str] = &[
+    "DATASTORE_EMULATOR_HOST",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_CLOUD_QUOTA_PROJECT",
+    "GCE_METADATA_HOST",
+    "HOME",
+    "RUST_LOG",
+];
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,8 +82,10 @@ pub struct MigrateArgs {
 /// they all work on the same data.
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
-    /// The key store: `sqlite:PATH` for the embedded database
-    /// [default: sqlite:token-exchange.db].
+    /// The key store: `datastore` (Google Cloud Datastore, as the Go
+    /// service), `sqlite:PATH` (an embedded database file) or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DB` [default: datastore; with
+    /// `serve --dev`, a SQLite file in --data-dir].
     #[arg(long, env = "STORE", value_name = "URL")]
     pub store: Option<String>,
     /// Google Cloud project of the Datastore store.
@@ -135,6 +148,16 @@ pub struct ServeArgs {
     /// Port of the Prometheus metrics listener (`/metrics`).
     #[arg(long, env = "METRICS_PORT", default_value_t = 9990)]
     pub metrics_port: u16,
+    /// Address of the metrics listener, as the Go service's prometheusx
+    /// takes it: `:9990` (every interface) or `HOST:PORT`. Wins over
+    /// --metrics-port.
+    #[arg(
+        long = "prometheusx.listen-address",
+        env = "PROMETHEUSX_LISTEN_ADDRESS",
+        value_name = "ADDR",
+        value_parser = ListenAddress::parse
+    )]
+    pub prometheusx_listen_address: Option<ListenAddress>,
     /// The private JWK that signs tokens [default: /secrets/jwk-priv.json].
     #[arg(long, env = "PRIVATE_KEY_PATH", value_name = "PATH")]
     pub private_key_path: Option<PathBuf>,
@@ -206,23 +229,47 @@ impl ServeArgs {
         }
     }
 
-    /// Production listens on every interface, as the Go service does; the
-    /// development mode only on loopback, since its keys are not secret.
-    pub fn listen_addr(&self) -> SocketAddr {
-        SocketAddr::from((self.listen_ip(), self.port))
+    /// Production listens on every interface, IPv6 and IPv4, as the Go
+    /// service does; the development mode only on loopback, since its keys
+    /// are not secret.
+    pub fn listen_addr(&self) -> ListenAddress {
+        self.on_port(self.port)
     }
 
-    pub fn metrics_addr(&self) -> SocketAddr {
-        SocketAddr::from((self.listen_ip(), self.metrics_port))
-    }
-
-    fn listen_ip(&self) -> Ipv4Addr {
-        if self.dev {
-            Ipv4Addr::LOCALHOST
-        } else {
-            Ipv4Addr::UNSPECIFIED
+    pub fn metrics_addr(&self) -> ListenAddress {
+        match &self.prometheusx_listen_address {
+            Some(ListenAddress::Everywhere(port)) => self.on_port(*port),
+            Some(exact) => exact.clone(),
+            None => self.on_port(self.metrics_port),
         }
     }
+
+    fn on_port(&self, port: u16) -> ListenAddress {
+        if self.dev {
+            ListenAddress::Exact(format!("127.0.0.1:{port}"))
+        } else {
+            ListenAddress::Everywhere(port)
+        }
+    }
+}
+
+/// Every environment variable the binary reads: one per flag (any
+/// subcommand's), and [`OTHER_ENVIRONMENT`].
+pub fn environment_variables() -> std::collections::BTreeSet<String> {
+    use clap::CommandFactory as _;
+    fn walk(command: &clap::Command, out: &mut std::collections::BTreeSet<String>) {
+        for arg in command.get_arguments() {
+            if let Some(name) = arg.get_env() {
+                out.insert(name.to_string_lossy().into_owned());
+            }
+        }
+        for sub in command.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out: std::collections::BTreeSet<String> = OTHER_ENVIRONMENT.iter().map(|s| (*s).to_owned()).collect();
+    walk(&Cli::command(), &mut out);
+    out
 }
 
 #[derive(Debug, Clone, Args)]
@@ -442,6 +489,6 @@ mod tests {
         let Command::Serve(args) = cli.into_command() else {
             panic!("not serve")
         };
-        assert_eq!(args.listen_addr(), "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(args.listen_addr(), ListenAddress::Exact("127.0.0.1:9000".into()));
     }
 }

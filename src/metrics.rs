@@ -15,6 +15,10 @@ pub struct Metrics {
     /// Go: requests to `/v0/token/integration`, by status code and method.
     pub integration_requests: IntCounterVec,
     pub integration_duration: HistogramVec,
+    /// Every request to the API port, by route (`other` for unknown paths),
+    /// method and status: what Go's series leave out (wrong methods,
+    /// redirects, probes, 404s).
+    pub http_requests: IntCounterVec,
     /// Tokens signed and returned, by audience and tier (empty for autojoin).
     pub tokens_issued: IntCounterVec,
     /// Integration tokens by integration. Only valid keys reach it, so its
@@ -93,6 +97,12 @@ impl Metrics {
                 "Duration of integration token requests.",
                 &["code", "method"],
                 go,
+            ),
+            http_requests: counter(
+                &registry,
+                "tokenexchange_http_requests_total",
+                "Requests to the API port, by route, method and status code.",
+                &["route", "method", "code"],
             ),
             tokens_issued: counter(
                 &registry,

@@ -11,8 +11,14 @@ use crate::api_key::{self, AutojoinApiKey, IntegrationApiKey, KEY_ID_PREFIX};
 use crate::config::{CreateOrgArgs, IntegrationCreateArgs, OrgRef, StoreArgs};
 use crate::store::{self, NewIntegrationKey, Store};
 
+/// Opens the store and says which one on stderr (stdout carries only the
+/// command's result): with Datastore as the default, an operator must see
+/// at once whether a command reached production, the emulator or a file.
 pub(super) async fn open(args: &StoreArgs) -> anyhow::Result<std::sync::Arc<dyn Store>> {
-    Ok(store::open(args).await?)
+    let location = store::locate(args)?;
+    let store = store::open(args).await?;
+    eprintln!("store: {location}");
+    Ok(store)
 }
 
 fn check_key_id(key_id: &str) -> anyhow::Result<()> {

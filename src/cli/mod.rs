@@ -19,7 +19,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Integration(IntegrationCommand::Delete(args)) => lifecycle::integration_delete(&args).await,
         Command::Key(command) => lifecycle::key(&command).await,
         Command::Migrate(args) => {
-            crate::store::open(&args.store).await?;
+            admin::open(&args.store).await?;
             eprintln!("the store's schema is up to date");
             Ok(())
         }

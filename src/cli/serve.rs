@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use crate::app::{Application, shutdown_signal};
+use crate::app::{Application, ListenAddress, shutdown_signal};
 use crate::config::{DEFAULT_PRIVATE_KEY_PATH, ServeArgs};
 use crate::http::AppState;
 use crate::rotation::{self, KeySource};
@@ -25,12 +25,6 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         public: args.public_key_path.clone(),
     };
     let keys = source.load()?;
-    tracing::info!(
-        alg = keys.active().alg().as_str(),
-        active_kid = keys.active().kid(),
-        published = ?keys.kids(),
-        "signing keys loaded"
-    );
 
     let mut store_args = args.store.clone();
     if args.dev && store_args.store.is_none() {
@@ -39,6 +33,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let path = args.data_dir.join("token-exchange.db");
         store_args.store = Some(format!("sqlite:{}", path.display()));
     }
+    let location = store::locate(&store_args)?;
     let store = store::open(&store_args).await?;
     let demo = if args.dev {
         Some(dev_demo_keys(store.as_ref(), &args.data_dir).await?)
@@ -46,6 +41,9 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None
     };
 
+    let alg = keys.active().alg().as_str();
+    let active_kid = keys.active().kid().to_owned();
+    let published: Vec<String> = keys.kids().into_iter().map(str::to_owned).collect();
     let state = AppState::new(Arc::new(keys), store, args.settings());
     tokio::spawn(rotation::watch(
         source,
@@ -53,13 +51,24 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         state.metrics.clone(),
         args.key_reload_interval,
     ));
-    let app = Application::build(args.listen_addr(), args.metrics_addr(), state)
-        .await
-        .with_context(|| format!("cannot listen on {} and {}", args.listen_addr(), args.metrics_addr()))?;
+    let bind = |at: ListenAddress| async move { at.bind().await.with_context(|| format!("cannot listen on {at}")) };
+    let api = bind(args.listen_addr()).await?;
+    let metrics = bind(args.metrics_addr()).await?;
+    let app = Application::with_listeners(api, metrics, state);
     // Before saying where we listen: from then on, a stop signal must stop
     // the server gracefully.
     let stop = shutdown_signal();
-    tracing::info!(addr = %app.local_addr(), metrics_addr = %app.metrics_addr(), "listening");
+    // One line that says what runs: an operator (or a test) reads here
+    // which store and key this replica uses.
+    tracing::info!(
+        addr = %app.local_addr(),
+        metrics_addr = %app.metrics_addr(),
+        store = %location,
+        alg,
+        active_kid,
+        published = ?published,
+        "listening"
+    );
     if let Some(demo) = demo {
         print_dev_instructions(app.port(), &demo);
     }

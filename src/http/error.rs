@@ -18,8 +18,9 @@ pub const RETRY_AFTER_SECS: u64 = 1;
 /// Every way a request can fail.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// The path exists but not for this method; carries the `Allow` value.
     #[error("method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed(&'static str),
     #[error("no such path")]
     NotFound,
     #[error("invalid request body: {0}")]
@@ -50,7 +51,9 @@ impl From<Rejection> for ApiError {
 impl ApiError {
     fn status_and_body(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "Method not allowed\n"),
+            // Go's router answers before any handler, with its own text
+            // (`http.StatusText`), not the handlers' "Method not allowed".
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "404 page not found\n"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Invalid request body\n"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n"),
@@ -73,6 +76,9 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        if let ApiError::MethodNotAllowed(allow) = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
         if matches!(
             self,
             ApiError::Unavailable(_) | ApiError::Overloaded | ApiError::TimedOut

@@ -5,6 +5,7 @@
 //! the one place that turns failures into status codes and bodies, and
 //! [`observe`] the one layer that logs and measures every request.
 
+mod clean_path;
 mod error;
 mod health;
 mod jwks;
@@ -19,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::header;
-use axum::routing::{any, get, post};
+use axum::routing::{MethodRouter, any, get, post};
 
 pub use error::ApiError;
 pub use observe::{FailureDetail, Issued, REQUEST_ID};
@@ -131,24 +132,38 @@ impl AppState {
     }
 }
 
+/// `Allow` on a 405 from a token route, as Go's router writes it.
+const ALLOW_POST: &str = "POST";
+/// `Allow` on a 405 from a GET route: Go serves HEAD wherever it serves GET.
+const ALLOW_GET: &str = "GET, HEAD";
+
+/// Answers every other method of `route` with 405 and `allow`.
+fn only(route: MethodRouter<AppState>, allow: &'static str) -> MethodRouter<AppState> {
+    route.fallback(move || async move { ApiError::MethodNotAllowed(allow) })
+}
+
 /// The complete API.
 pub fn router(state: AppState) -> Router {
     // Work that can pile up is limited: requests in flight, and each
-    // request's time. Probes stay outside, so they answer under load.
+    // request's time. Probes stay outside, so they answer under load; a
+    // route's 405 fallback stays outside too (route_layer skips it), as in
+    // Go, where the router answers it before any handler.
     let limited = Router::new()
-        .route("/v0/token/autojoin", post(token::autojoin))
-        .route("/v0/token/integration", post(token::integration))
-        .route("/.well-known/jwks.json", get(jwks::jwks))
+        .route("/v0/token/autojoin", only(post(token::autojoin), ALLOW_POST))
+        .route("/v0/token/integration", only(post(token::integration), ALLOW_POST))
+        .route("/.well-known/jwks.json", only(get(jwks::jwks), ALLOW_GET))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), limits::limits));
     Router::new()
         .merge(limited)
         // Any method, as in the Go service: load balancers differ in what
         // they send to a health check.
         .route("/health", any(health::health))
-        .route("/ready", get(ready::ready))
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .route("/ready", only(get(ready::ready), ALLOW_GET))
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Before routing, so `//health` is redirected rather than a 404;
+        // inside `observe`, so the redirect is logged and counted.
+        .layer(axum::middleware::from_fn(clean_path::redirect_unclean))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe::observe))
         .with_state(state)
 }

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument as _;
@@ -71,15 +71,23 @@ pub(super) async fn observe(State(state): State<AppState>, request: Request, nex
 
     let metrics = &state.metrics;
     let labels = [status.as_str(), method_label(&method)];
+    metrics
+        .http_requests
+        .with_label_values(&[path, labels[1], labels[0]])
+        .inc();
+    // Go's series count what reaches its token handlers: only POSTs, since
+    // its router answers other methods (405) and unclean paths (301, and
+    // those never match a route here) before any handler.
+    let reached_handler = method == Method::POST;
     match path {
-        "/v0/token/autojoin" => {
+        "/v0/token/autojoin" if reached_handler => {
             metrics.autojoin_requests.with_label_values(&labels).inc();
             metrics
                 .autojoin_duration
                 .with_label_values(&labels)
                 .observe(elapsed.as_secs_f64());
         }
-        "/v0/token/integration" => {
+        "/v0/token/integration" if reached_handler => {
             metrics.integration_requests.with_label_values(&labels).inc();
             metrics
                 .integration_duration

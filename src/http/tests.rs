@@ -302,18 +302,85 @@ async fn oversized_bodies_are_413() {
 #[tokio::test]
 async fn wrong_methods_are_405() {
     let f = fixture(Algorithm::EdDsa);
-    for (method, path) in [
-        (Method::GET, "/v0/token/autojoin"),
-        (Method::GET, "/v0/token/integration"),
-        (Method::PUT, "/v0/token/integration"),
-        (Method::DELETE, "/v0/token/autojoin"),
-        (Method::POST, "/.well-known/jwks.json"),
-        (Method::DELETE, "/.well-known/jwks.json"),
+    for (method, path, allow) in [
+        (Method::GET, "/v0/token/autojoin", "POST"),
+        (Method::GET, "/v0/token/integration", "POST"),
+        (Method::HEAD, "/v0/token/integration", "POST"),
+        (Method::PUT, "/v0/token/integration", "POST"),
+        (Method::DELETE, "/v0/token/autojoin", "POST"),
+        (Method::POST, "/.well-known/jwks.json", "GET, HEAD"),
+        (Method::DELETE, "/.well-known/jwks.json", "GET, HEAD"),
+        (Method::POST, "/ready", "GET, HEAD"),
     ] {
         let answer = call(&f.state, method.clone(), path, "").await;
-        assert_refused(&answer, StatusCode::METHOD_NOT_ALLOWED, "Method not allowed\n");
-        assert!(answer.header("allow").is_some(), "{method} {path}");
+        assert_eq!(answer.header("allow"), Some(allow), "{method} {path}");
+        if method == Method::HEAD {
+            assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
+        } else {
+            // Go's router's text, not the handlers' "Method not allowed".
+            assert_refused(&answer, StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
+        }
     }
+    // HEAD is served wherever GET is, as in Go.
+    let head = call(&f.state, Method::HEAD, "/.well-known/jwks.json", "").await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    // /health answers every method, as Go's pattern without a method does.
+    for method in [Method::GET, Method::POST, Method::DELETE] {
+        assert_eq!(call(&f.state, method, "/health", "").await.status, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn unclean_paths_are_redirected_as_go_redirects_them() {
+    let f = fixture(Algorithm::EdDsa);
+    for (method, path, location) in [
+        (Method::GET, "//health", "/health"),
+        (Method::POST, "/v0//token/autojoin", "/v0/token/autojoin"),
+        (Method::POST, "/v0/token/./integration", "/v0/token/integration"),
+        (Method::GET, "/a/../health", "/health"),
+        (Method::GET, "/a/%2E%2E/health", "/health"),
+        (Method::GET, "//.well-known/jwks.json?x=1", "/.well-known/jwks.json?x=1"),
+        (Method::DELETE, "//nowhere", "/nowhere"),
+        (Method::GET, "/x/../a%20b", "/a%20b"),
+    ] {
+        let answer = call(&f.state, method.clone(), path, "").await;
+        assert_eq!(answer.status, StatusCode::MOVED_PERMANENTLY, "{method} {path}");
+        assert_eq!(answer.header("location"), Some(location), "{method} {path}");
+        if method == Method::GET {
+            assert_eq!(answer.header("content-type"), Some("text/html; charset=utf-8"));
+            let html_location = location.replace('&', "&amp;");
+            assert_eq!(
+                answer.text(),
+                format!("<a href=\"{html_location}\">Moved Permanently</a>.\n\n")
+            );
+        } else {
+            assert_eq!(answer.header("content-type"), None);
+            assert!(answer.body.is_empty());
+        }
+    }
+    // Clean paths, with or without a trailing slash, are not redirected.
+    assert_eq!(
+        call(&f.state, Method::GET, "/health/", "").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(call(&f.state, Method::GET, "/health", "").await.status, StatusCode::OK);
+    // A redirected POST never reached a handler: Go's series do not count it.
+    let text = f.state.metrics.render();
+    assert_eq!(
+        series(
+            &text,
+            r#"tokenexchange_autojoin_requests_total{code="301",method="post"}"#
+        ),
+        0.0
+    );
+    assert_eq!(
+        series(
+            &text,
+            r#"tokenexchange_http_requests_total{code="301",method="post",route="other"}"#
+        ),
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -449,9 +516,19 @@ async fn metrics_count_exactly() {
         m(r#"tokenexchange_integration_requests_total{code="401",method="post"}"#),
         2.0
     );
+    // Go's router answers the 405 before its instrumented handler; our own
+    // series counts it.
     assert_eq!(
         m(r#"tokenexchange_integration_requests_total{code="405",method="get"}"#),
+        0.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_http_requests_total{code="405",method="get",route="/v0/token/integration"}"#),
         1.0
+    );
+    assert_eq!(
+        m(r#"tokenexchange_http_requests_total{code="200",method="post",route="/v0/token/integration"}"#),
+        4.0
     );
     assert_eq!(
         m(r#"tokenexchange_integration_requests_total{code="503",method="post"}"#),

@@ -35,7 +35,7 @@ impl<'de> Deserialize<'de> for TokenRequest {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TokenRequest, A::Error> {
                 let mut api_key: Option<Option<String>> = None;
                 while let Some(name) = map.next_key::<Cow<'de, str>>()? {
-                    if name == "api_key" {
+                    if is_api_key_member(&name) {
                         if api_key.is_some() {
                             return Err(de::Error::duplicate_field("api_key"));
                         }
@@ -54,6 +54,21 @@ impl<'de> Deserialize<'de> for TokenRequest {
     }
 }
 
+/// Whether a member name is `api_key` as Go's `encoding/json` matches it:
+/// ignoring case, with Unicode's simple case folding, under which the
+/// Kelvin sign (U+212A) is a `k`. (The only other non-ASCII rune that folds
+/// to an ASCII letter, U+017F, folds to `s`, which `api_key` lacks.)
+fn is_api_key_member(name: &str) -> bool {
+    const KELVIN: char = '\u{212A}';
+    let mut chars = name.chars();
+    let same = "api_key".chars().all(|want| match chars.next() {
+        Some(KELVIN) => want == 'k',
+        Some(c) => c.eq_ignore_ascii_case(&want),
+        None => false,
+    });
+    same && chars.next().is_none()
+}
+
 /// Why a request body is not a token request.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -68,9 +83,10 @@ pub enum DecodeError {
 /// Mirrors the Go service, whose callers we must keep working: the content
 /// type is not checked (`curl -d` sends a form type); a JSON `null`, a
 /// missing or a null `api_key` mean an empty key (401, not 400); anything
-/// after the first JSON value is ignored. Unlike Go, a duplicated `api_key`
-/// member is refused (400) instead of silently taking the last one, so two
-/// parsers in a chain can never disagree about which key was sent.
+/// after the first JSON value is ignored; the member name matches in any
+/// case (`API_KEY`). Unlike Go, two members that both match `api_key` are
+/// refused (400) instead of silently taking the last one, so two parsers in
+/// a chain can never disagree about which key was sent.
 pub fn decode_token_request(body: &[u8]) -> Result<String, DecodeError> {
     let mut values = serde_json::Deserializer::from_slice(body).into_iter::<Option<TokenRequest>>();
     match values.next() {
@@ -158,6 +174,36 @@ mod tests {
             assert!(matches!(ok(bad), Err(DecodeError::Json(_))), "{bad}");
         }
         assert!(decode_token_request(b"{\"api_key\":\"\xff\"}").is_err());
+    }
+
+    #[test]
+    fn the_member_name_matches_in_any_case_as_in_go() {
+        let ok = |b: &str| decode_token_request(b.as_bytes());
+        for name in [
+            "api_key",
+            "API_KEY",
+            "Api_Key",
+            "aPi_kEy",
+            "api_\u{212A}ey",
+            "api\\u005fkey",
+        ] {
+            assert_eq!(ok(&format!(r#"{{"{name}":"k"}}"#)), Ok("k".into()), "{name}");
+        }
+        for name in [
+            "apikey",
+            "api-key",
+            "api_key ",
+            "api_keys",
+            "api_\u{17F}ey",
+            "ápi_key",
+            "",
+        ] {
+            assert_eq!(ok(&format!(r#"{{"{name}":"k"}}"#)), Ok(String::new()), "{name}");
+        }
+        // Two members that match, in any case, are refused.
+        for body in [r#"{"api_key":"a","API_KEY":"b"}"#, r#"{"Api_Key":"a","api_key":"a"}"#] {
+            assert!(matches!(ok(body), Err(DecodeError::Json(_))), "{body}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod datastore;
 mod instrumented;
 mod sql;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -235,10 +236,61 @@ impl<T: IntegrationKeys + AutojoinKeys + Backend + ?Sized> Lookups for T {}
 pub trait Store: Lookups + Admin {}
 impl<T: Lookups + Admin + ?Sized> Store for T {}
 
-/// Opens the store named by `--store`: `sqlite:PATH` (the file is created
-/// on first use), `postgres://...` or `datastore`. SQL stores have their
-/// schema brought up to date.
-pub async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, StoreError> {
+/// Which store a `--store` setting names, in words fit for a log: never
+/// a password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite {
+        /// Absolute, so the log says which file even when given relative.
+        path: PathBuf,
+    },
+    Postgres {
+        host: String,
+        port: u16,
+        database: String,
+    },
+    Datastore {
+        project: String,
+        client_integration_ns: String,
+        platform_ns: String,
+        /// `DATASTORE_EMULATOR_HOST`, when set.
+        emulator: Option<String>,
+    },
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite { path } => write!(f, "SQLite file {}", path.display()),
+            Location::Postgres { host, port, database } => {
+                write!(f, "PostgreSQL database {database} on {host}:{port}")
+            }
+            Location::Datastore {
+                project,
+                client_integration_ns,
+                platform_ns,
+                emulator,
+            } => {
+                write!(
+                    f,
+                    "Datastore project {project}, namespaces {client_integration_ns} (integrations) \
+                     and {platform_ns} (autojoin)"
+                )?;
+                match emulator {
+                    Some(host) => write!(f, ", emulator at {host}"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// PostgreSQL's default port, used when a URL names none.
+const POSTGRES_PORT: u16 = 5432;
+
+/// Reads the `--store` setting: `datastore`, `sqlite:PATH` or
+/// `postgres://...`.
+pub fn locate(args: &StoreArgs) -> Result<Location, StoreError> {
     let store = args.store_url();
     if let Some(path) = store.strip_prefix("sqlite:") {
         let path = path.strip_prefix("//").unwrap_or(path);
@@ -247,26 +299,125 @@ pub async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, StoreError> {
                 "--store sqlite: needs a file path, e.g. sqlite:token-exchange.db".into(),
             ));
         }
-        let path = std::path::Path::new(path);
-        return Ok(Arc::new(SqlStore::open_sqlite(path, args.store_timeout).await?));
+        let path = std::path::absolute(path).map_err(|e| StoreError::Config(format!("--store sqlite:{path}: {e}")))?;
+        return Ok(Location::Sqlite { path });
     }
     if store.starts_with("postgres://") || store.starts_with("postgresql://") {
-        return Ok(Arc::new(
-            SqlStore::open_postgres(store, args.store_timeout, args.store_max_connections).await?,
-        ));
+        // Only the parts a log may show; the URL's error text could quote it.
+        let url = url::Url::parse(store)
+            .map_err(|e| StoreError::Config(format!("--store postgres://...: not a valid URL ({e})")))?;
+        let query = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned());
+        let host = match url.host_str().filter(|h| !h.is_empty()) {
+            Some(host) => host.to_owned(),
+            None => query("host").unwrap_or_else(|| "localhost".to_owned()),
+        };
+        let port = url
+            .port()
+            .or_else(|| query("port")?.parse().ok())
+            .unwrap_or(POSTGRES_PORT);
+        let database = match url.path().trim_start_matches('/') {
+            "" => query("dbname").unwrap_or_else(|| match url.username() {
+                "" => "postgres".to_owned(),
+                user => user.to_owned(),
+            }),
+            name => name.to_owned(),
+        };
+        return Ok(Location::Postgres { host, port, database });
     }
     if store == "datastore" {
-        return Ok(Arc::new(DatastoreStore::new(&DatastoreConfig {
-            project_id: args.project_id.clone(),
-            platform_ns: args.platform_ns.clone(),
+        return Ok(Location::Datastore {
+            project: args.project_id.clone(),
             client_integration_ns: args.client_integration_ns.clone(),
-            timeout: args.store_timeout,
-            emulator_host: std::env::var("DATASTORE_EMULATOR_HOST").ok(),
-        })?));
+            platform_ns: args.platform_ns.clone(),
+            emulator: std::env::var("DATASTORE_EMULATOR_HOST").ok().filter(|h| !h.is_empty()),
+        });
     }
     // Only the scheme is echoed: a database URL may hold a password.
     Err(StoreError::Config(format!(
-        "unsupported --store {:?}: expected sqlite:PATH, postgres://USER:PASSWORD@HOST:PORT/DB or datastore",
+        "unsupported --store {:?}: expected datastore, sqlite:PATH or postgres://USER:PASSWORD@HOST:PORT/DB",
         store.split(':').next().unwrap_or_default()
     )))
+}
+
+/// Opens the store named by `--store` (see [`locate`]). SQL stores have
+/// their schema brought up to date (a SQLite file is created on first
+/// use); Datastore must have credentials to be had.
+pub async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, StoreError> {
+    match locate(args)? {
+        Location::Sqlite { path } => Ok(Arc::new(SqlStore::open_sqlite(&path, args.store_timeout).await?)),
+        Location::Postgres { .. } => Ok(Arc::new(
+            SqlStore::open_postgres(args.store_url(), args.store_timeout, args.store_max_connections).await?,
+        )),
+        Location::Datastore {
+            project,
+            client_integration_ns,
+            platform_ns,
+            emulator,
+        } => {
+            let store = DatastoreStore::new(&DatastoreConfig {
+                project_id: project,
+                platform_ns,
+                client_integration_ns,
+                timeout: args.store_timeout,
+                emulator_host: emulator,
+            })?;
+            store.check_credentials().await?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+#[cfg(test)]
+mod location_tests {
+    use super::*;
+
+    fn args(store: &str) -> StoreArgs {
+        StoreArgs {
+            store: Some(store.to_owned()),
+            project_id: "p".into(),
+            platform_ns: "platform-credentials".into(),
+            client_integration_ns: "client-integration".into(),
+            store_timeout: std::time::Duration::from_secs(1),
+            store_max_connections: 1,
+        }
+    }
+
+    #[test]
+    fn locations_name_the_store_without_secrets() {
+        let pg = locate(&args("postgres://u:hunter2@db.example:6543/keys?sslmode=require")).unwrap();
+        assert_eq!(
+            pg,
+            Location::Postgres {
+                host: "db.example".into(),
+                port: 6543,
+                database: "keys".into()
+            }
+        );
+        assert!(!pg.to_string().contains("hunter2"), "{pg}");
+        assert_eq!(
+            locate(&args("postgresql://u@h")).unwrap().to_string(),
+            "PostgreSQL database u on h:5432"
+        );
+        assert_eq!(
+            locate(&args("postgres:///keys?host=/run/postgresql"))
+                .unwrap()
+                .to_string(),
+            "PostgreSQL database keys on /run/postgresql:5432"
+        );
+        let Location::Sqlite { path } = locate(&args("sqlite:x/keys.db")).unwrap() else {
+            panic!("not sqlite")
+        };
+        assert!(path.is_absolute() && path.ends_with("x/keys.db"), "{}", path.display());
+        let ds = locate(&args("datastore")).unwrap().to_string();
+        assert!(
+            ds.starts_with(
+                "Datastore project p, namespaces client-integration (integrations) and platform-credentials (autojoin)"
+            ),
+            "{ds}"
+        );
+        for bad in ["sqlite:", "mysql://u:hunter2@h/db", "postgres://u:hunter2@[bad/db"] {
+            let err = locate(&args(bad)).unwrap_err().to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
 }

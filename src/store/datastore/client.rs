@@ -23,6 +23,23 @@ const DATASTORE_SCOPE: &str = "https://www.googleapis.com/auth/datastore";
 /// a dropped connection, short enough to stay well within a request.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// How long start-up waits for the metadata server's first token, and in
+/// how many tries: on Google Cloud it answers in milliseconds.
+const METADATA_PROBE: Duration = Duration::from_secs(5);
+const METADATA_ATTEMPTS: u32 = 3;
+
+/// The Application Default Credentials file google-cloud-auth reads, if
+/// there is one: `GOOGLE_APPLICATION_CREDENTIALS` (a missing file there is
+/// already an error when the credentials are built), else gcloud's file
+/// under `$HOME`. Without one, it falls back to the metadata server.
+fn adc_file() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS") {
+        return Some(path.into());
+    }
+    let home = std::path::PathBuf::from(std::env::var_os("HOME")?);
+    Some(home.join(".config/gcloud/application_default_credentials.json")).filter(|p| p.is_file())
+}
+
 /// A Datastore call that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -96,6 +113,39 @@ impl Client {
 
     pub fn uses_emulator(&self) -> bool {
         matches!(self.auth, Auth::None)
+    }
+
+    /// Fails when there are no credentials to be had: no emulator, no
+    /// credentials file, and no metadata server answering. A server set up
+    /// like that would refuse every key, so it must not start. (Given a
+    /// file, its tokens are not fetched here: an identity provider that is
+    /// down is an outage, answered with 503s, not a configuration error.)
+    pub async fn check_credentials(&self) -> Result<(), CallError> {
+        let Auth::Google(creds) = &self.auth else {
+            return Ok(());
+        };
+        if adc_file().is_some() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + METADATA_PROBE;
+        let mut last = String::from("no answer in time");
+        for attempt in 1..=METADATA_ATTEMPTS {
+            match tokio::time::timeout_at(deadline, creds.headers(Extensions::new())).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => break,
+            }
+            if attempt < METADATA_ATTEMPTS {
+                tokio::time::sleep(RETRY_PAUSE * 4).await;
+            }
+        }
+        Err(CallError::Permanent(format!(
+            "no Google credentials: not on Google Cloud (the metadata server did not give a token: {last}), \
+             GOOGLE_APPLICATION_CREDENTIALS is not set, and there is no file from \
+             `gcloud auth application-default login`. Set DATASTORE_EMULATOR_HOST to use the emulator, \
+             set up Application Default Credentials, or choose another store with --store/STORE \
+             (sqlite:PATH or postgres://...)"
+        )))
     }
 
     async fn call<Req: Serialize + ?Sized, Resp: DeserializeOwned>(

@@ -78,6 +78,16 @@ impl DatastoreStore {
         })
     }
 
+    /// Fails at once when no credentials can be had (see
+    /// [`Client::check_credentials`]); an unreachable Datastore is not
+    /// checked here, since it may come back.
+    pub async fn check_credentials(&self) -> Result<(), StoreError> {
+        self.client
+            .check_credentials()
+            .await
+            .map_err(|e| StoreError::Config(format!("Datastore: {e}")))
+    }
+
     fn key(partition: &PartitionId, path: &[(&str, &str)]) -> Key {
         Key {
             partition_id: partition.clone(),

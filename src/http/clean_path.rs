@@ -1,0 +1,152 @@
+//! Redirects a request whose path is not clean (`//health`,
+//! `/v0//token/autojoin`, `/a/../health`) to its clean form, as Go's
+//! `http.ServeMux` does before it looks for a route. Without this, a path
+//! Go serves after one redirect would be a 404 here.
+
+use axum::extract::Request;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse as _, Response};
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+
+/// What Go's `url.URL.String` escapes in a path: everything but letters,
+/// digits and `-_.~$&+,/:;=@`.
+const PATH_ESCAPES: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'!')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'\'')
+    .add(b'(')
+    .add(b')')
+    .add(b'*')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+pub(super) async fn redirect_unclean(request: Request, next: Next) -> Response {
+    // Go compares the decoded path with its cleaned form.
+    let decoded = percent_decode_str(request.uri().path()).decode_utf8_lossy();
+    let clean = clean_path(&decoded);
+    if clean == decoded {
+        return next.run(request).await;
+    }
+    let mut location = utf8_percent_encode(&clean, PATH_ESCAPES).to_string();
+    if let Some(query) = request.uri().query().filter(|q| !q.is_empty()) {
+        location.push('?');
+        location.push_str(query);
+    }
+    moved_permanently(request.method(), &location)
+}
+
+/// Go's `http.Redirect` with 301: a small HTML body for GET, the content
+/// type without a body for HEAD, neither for other methods.
+fn moved_permanently(method: &Method, location: &str) -> Response {
+    let body = if method == Method::GET {
+        format!("<a href=\"{}\">Moved Permanently</a>.\n\n", html_escape(location))
+    } else {
+        String::new()
+    };
+    let mut response = (StatusCode::MOVED_PERMANENTLY, body).into_response();
+    let headers = response.headers_mut();
+    headers.remove(header::CONTENT_TYPE);
+    if method == Method::GET || method == Method::HEAD {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+    }
+    // The location is made of escaped path bytes and the request's own
+    // (already valid) query, so it is always a valid header value.
+    if let Ok(value) = HeaderValue::from_str(location) {
+        headers.insert(header::LOCATION, value);
+    }
+    response
+}
+
+fn html_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '\'' => out.push_str("&#39;"),
+            '"' => out.push_str("&#34;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Go's `cleanPath`: `path.Clean` of the path made absolute, keeping a
+/// trailing slash.
+fn clean_path(path: &str) -> String {
+    if path.is_empty() {
+        return "/".to_owned();
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            part => parts.push(part),
+        }
+    }
+    let mut clean = String::with_capacity(path.len());
+    for part in &parts {
+        clean.push('/');
+        clean.push_str(part);
+    }
+    if clean.is_empty() || path.ends_with('/') {
+        clean.push('/');
+    }
+    clean
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_cleaned_as_go_cleans_them() {
+        for (path, clean) in [
+            ("/health", "/health"),
+            ("/", "/"),
+            ("", "/"),
+            ("//health", "/health"),
+            ("/v0//token/autojoin", "/v0/token/autojoin"),
+            ("/a/../health", "/health"),
+            ("/./health", "/health"),
+            ("/../health", "/health"),
+            ("/..", "/"),
+            ("/health/", "/health/"),
+            ("/health//", "/health/"),
+            ("/a/b/../../.well-known/jwks.json", "/.well-known/jwks.json"),
+            ("/a/./", "/a/"),
+            ("health", "/health"),
+        ] {
+            assert_eq!(clean_path(path), clean, "{path:?}");
+        }
+    }
+
+    #[test]
+    fn locations_are_escaped_as_go_escapes_them() {
+        let escape = |p: &str| utf8_percent_encode(p, PATH_ESCAPES).to_string();
+        assert_eq!(escape("/a b/c?d"), "/a%20b/c%3Fd");
+        assert_eq!(escape("/$&+,:;=@-_.~"), "/$&+,:;=@-_.~");
+        assert_eq!(escape("/é"), "/%C3%A9");
+        assert_eq!(html_escape("/a?b=<c>&d"), "/a?b=&lt;c&gt;&amp;d");
+    }
+}
