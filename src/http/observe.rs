@@ -21,7 +21,7 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// The paths the API serves. Any other path is logged as `other`: a path
 /// is chosen by the caller, and one that pasted an API key into a URL must
 /// not get it written to the log.
-const ROUTES: &[&str] = &[
+pub(super) const ROUTES: &[&str] = &[
     "/v0/token/autojoin",
     "/v0/token/integration",
     "/.well-known/jwks.json",

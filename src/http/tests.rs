@@ -679,3 +679,120 @@ async fn request_ids_are_returned() {
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     assert_eq!(response.headers()["x-request-id"], "trace-42");
 }
+
+/// Every (path, method, status) the router gives, provoked here, must be in
+/// openapi.yaml, and everything openapi.yaml lists must be provoked here
+/// (but for the one answer no test can cause, named below).
+#[tokio::test]
+async fn openapi_describes_exactly_what_the_router_serves() {
+    use std::collections::BTreeSet;
+
+    let spec: Value = serde_yaml_ng::from_str(include_str!("../../openapi.yaml")).unwrap();
+    assert_eq!(spec["openapi"], "3.1.0");
+    let paths = spec["paths"].as_object().unwrap();
+    let documented_paths: BTreeSet<&str> = paths.keys().map(String::as_str).collect();
+    let served_paths: BTreeSet<&str> = observe::ROUTES.iter().copied().collect();
+    assert_eq!(documented_paths, served_paths);
+
+    const METHODS: [&str; 7] = ["get", "head", "post", "put", "delete", "patch", "options"];
+    let mut documented = BTreeSet::new();
+    for (path, item) in paths {
+        let methods: Vec<&str> = METHODS.iter().copied().filter(|m| item.get(*m).is_some()).collect();
+        for method in &methods {
+            for status in item[*method]["responses"].as_object().unwrap().keys() {
+                documented.insert((path.clone(), method.to_string(), status.clone()));
+            }
+        }
+        // Methods not documented get 405 with the documented Allow, unless
+        // the path takes any method.
+        let allow = item["x-allow"].as_str().unwrap();
+        let f = fixture(Algorithm::EdDsa);
+        for method in METHODS {
+            let answer = call(
+                &f.state,
+                Method::from_bytes(method.to_uppercase().as_bytes()).unwrap(),
+                path,
+                "",
+            )
+            .await;
+            if allow == "any" || methods.contains(&method) {
+                assert!(
+                    ![StatusCode::METHOD_NOT_ALLOWED, StatusCode::NOT_FOUND].contains(&answer.status),
+                    "{method} {path}: {}",
+                    answer.status
+                );
+            } else {
+                assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+                assert_eq!(answer.header("allow"), Some(allow), "{method} {path}");
+                let listed: Vec<String> = allow.split(", ").map(str::to_lowercase).collect();
+                assert_eq!(listed, methods, "x-allow of {path} lists its operations");
+            }
+        }
+    }
+
+    let mut served = BTreeSet::new();
+    let mut see = |path: &str, method: &Method, answer: &Answer| {
+        served.insert((
+            path.to_owned(),
+            method.as_str().to_lowercase(),
+            answer.status.as_str().to_owned(),
+        ));
+    };
+    for path in ["/v0/token/integration", "/v0/token/autojoin"] {
+        let f = fixture(Algorithm::EdDsa);
+        let good = if path.ends_with("autojoin") {
+            &f.autojoin
+        } else {
+            &f.active
+        };
+        see(path, &Method::POST, &exchange(&f.state, path, good).await);
+        see(path, &Method::POST, &exchange(&f.state, path, "made-up").await);
+        see(path, &Method::POST, &call(&f.state, Method::POST, path, "[1]").await);
+        see(
+            path,
+            &Method::POST,
+            &call(&f.state, Method::POST, path, "x".repeat(MAX_BODY_BYTES + 1)).await,
+        );
+        f.store.down.store(true, Ordering::SeqCst);
+        see(path, &Method::POST, &exchange(&f.state, path, good).await);
+    }
+    let f = fixture(Algorithm::EdDsa);
+    for method in [Method::GET, Method::HEAD] {
+        see(
+            "/.well-known/jwks.json",
+            &method,
+            &call(&f.state, method.clone(), "/.well-known/jwks.json", "").await,
+        );
+        see("/ready", &method, &call(&f.state, method.clone(), "/ready", "").await);
+    }
+    see(
+        "/health",
+        &Method::GET,
+        &call(&f.state, Method::GET, "/health", "").await,
+    );
+    // At the limit of requests in flight.
+    let all = f.state.in_flight.available_permits() as u32;
+    let held = f.state.in_flight.clone().acquire_many_owned(all).await.unwrap();
+    for method in [Method::GET, Method::HEAD] {
+        see(
+            "/.well-known/jwks.json",
+            &method,
+            &call(&f.state, method.clone(), "/.well-known/jwks.json", "").await,
+        );
+    }
+    drop(held);
+    // The store down since start: not ready.
+    let f = fixture(Algorithm::EdDsa);
+    f.store.down.store(true, Ordering::SeqCst);
+    for method in [Method::GET, Method::HEAD] {
+        see("/ready", &method, &call(&f.state, method.clone(), "/ready", "").await);
+    }
+
+    // Signing with an in-memory key does not fail; the 500 is Go's contract.
+    let unprovoked: BTreeSet<(String, String, String)> = ["/v0/token/integration", "/v0/token/autojoin"]
+        .iter()
+        .map(|p| (p.to_string(), "post".to_owned(), "500".to_owned()))
+        .collect();
+    let expected: BTreeSet<_> = documented.difference(&unprovoked).cloned().collect();
+    assert_eq!(served, expected);
+}

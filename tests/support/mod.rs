@@ -37,6 +37,7 @@ const ENV_SETTINGS: &[&str] = &[
     "CLIENT_INTEGRATION_NS",
     "STORE_TIMEOUT",
     "METRICS_PORT",
+    "PROMETHEUSX_LISTEN_ADDRESS",
     "LOG_FORMAT",
     "LOG_LEVEL",
     "DEV",

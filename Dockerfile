@@ -1,0 +1,25 @@
+# The image Cloud Run runs (deploy/cloudrun/cloudbuild.yaml builds it from
+# the repository root, as the Go service's pipeline does).
+#
+# Build stage: the same Debian release as the runtime base, so the binary
+# needs no newer glibc than the base has.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY migrations ./migrations
+# Cargo.toml names the benchmark target; cargo reads it even for a build.
+COPY benches ./benches
+RUN cargo build --release --locked \
+    && install -m 0755 target/release/token-exchange /token-exchange
+
+# Runtime: glibc, libgcc and CA certificates (for Datastore over TLS), no
+# shell, running as the unprivileged user 65532. tests/runtime_image.rs
+# runs the binary in a file system made of exactly these packages.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /token-exchange /token-exchange
+# The API and the Prometheus metrics.
+EXPOSE 8080 9990
+USER 65532:65532
+# No arguments: it serves, configured by the environment (see README).
+ENTRYPOINT ["/token-exchange"]
