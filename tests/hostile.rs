@@ -246,6 +246,34 @@ async fn every_hostile_request_gets_its_status_and_the_server_survives() {
     let mut jwks_post = row("POST on the JWKS", "/.well-known/jwks.json", "", 405);
     jwks_post.method = "POST";
     rows.push(jwks_post);
+    // Go's router answers a wrong method before any handler reads the body.
+    let mut big_put = row("PUT with a 1 MiB body", INTEGRATION, vec![b' '; 1 << 20], 405);
+    big_put.method = "PUT";
+    rows.push(big_put);
+    // Unclean paths are redirected for any method, as Go's router does.
+    rows.push(row(
+        "doubled slash in a token route",
+        "/v0//token/integration",
+        body_with_key(good.as_bytes()),
+        301,
+    ));
+    rows.push(row("dot-dot in a path", "/v0/token/x/../integration", "", 301));
+    let mut get_health = row("doubled slash before health", "//health", "", 301);
+    get_health.method = "GET";
+    rows.push(get_health);
+    // The member name matches in any case, as in Go; two matches are refused.
+    rows.push(row(
+        "API_KEY in capitals",
+        INTEGRATION,
+        format!(r#"{{"API_KEY":"{good}"}}"#),
+        200,
+    ));
+    rows.push(row(
+        "api_key and API_KEY",
+        INTEGRATION,
+        format!(r#"{{"api_key":"{good}","API_KEY":"{good}"}}"#),
+        400,
+    ));
 
     let mut failures = Vec::new();
     for r in &rows {

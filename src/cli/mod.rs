@@ -20,7 +20,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key(command) => lifecycle::key(&command).await,
         Command::Migrate(args) => {
             admin::open(&args.store).await?;
-            eprintln!("the store's schema is up to date");
+            if matches!(
+                crate::store::locate(&args.store)?,
+                crate::store::Location::Datastore { .. }
+            ) {
+                eprintln!("Datastore has no schema to migrate");
+            } else {
+                eprintln!("the store's schema is up to date");
+            }
             Ok(())
         }
         Command::Autojoin(AutojoinCommand::CreateOrg(args)) => admin::autojoin_create_org(&args).await,

@@ -45,12 +45,18 @@ const ENV_SETTINGS: &[&str] = &[
     "RUST_LOG",
 ];
 
+/// Where the metadata server is said to be in tests: a loopback port no one
+/// listens on, so a credential lookup fails at once and never leaves the
+/// machine.
+pub const CLOSED_METADATA_HOST: &str = "127.0.0.1:1";
+
 /// The binary with a clean environment of settings.
 pub fn command() -> Command {
     let mut cmd = Command::new(BIN);
     for name in ENV_SETTINGS {
         cmd.env_remove(name);
     }
+    cmd.env("GCE_METADATA_HOST", CLOSED_METADATA_HOST);
     cmd
 }
 
