@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::process::{lines, signal, wait_exit};
-use support::{TEST_PROJECT, command, unique};
+use support::process::{lines, signal, startup_fields, wait_exit};
+use support::{GoStyleKeys, TEST_PROJECT, command, get_json, unique};
 
 /// The binary with Go's deployment environment and nothing else of ours:
 /// the project and namespace service.yaml sets, Cloud Run's PORT, the
@@ -41,20 +41,6 @@ fn keygen(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("jwk-priv.json");
     support::run_ok(&["keygen", "--alg", "RS256", "--out", path.to_str().unwrap()]);
     path
-}
-
-/// The JSON fields of the start-up ("listening") line.
-fn startup_fields(stderr: &std::sync::mpsc::Receiver<String>) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = stderr.recv_timeout(left).expect("the server logs a start-up line");
-        if let Ok(v) = serde_json::from_str::<Value>(&line)
-            && v["fields"]["message"] == "listening"
-        {
-            return v["fields"].clone();
-        }
-    }
 }
 
 fn start(cmd: &mut Command) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
@@ -121,38 +107,7 @@ async fn with_go_s_environment_it_serves_datastore_keys() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
     let platform_ns = unique("pc");
-    let integration = unique("go");
-
-    // Keys made as Go's tools are run: no --store, the project and namespace
-    // given, the emulator in the environment.
-    let admin = |args: &[&str]| {
-        let out = command()
-            .args(args)
-            .args(["--project-id", TEST_PROJECT, "--platform-ns", &platform_ns, "--json"])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(&format!("store: Datastore project {TEST_PROJECT}")) && stderr.contains("emulator at"),
-            "{stderr}"
-        );
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
-    let api_key = admin(&["integration", "create", "--integration-id", &integration, "--tier", "2"]);
-    let api_key = api_key["api_key"].as_str().unwrap().to_owned();
-    admin(&[
-        "autojoin",
-        "create-org",
-        "--org",
-        &integration,
-        "--email",
-        "ops@example.org",
-    ]);
-    let org_key = admin(&["autojoin", "create-key", "--org", &integration])["api_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let keys = GoStyleKeys::create(&platform_ns);
 
     let mut cmd = command();
     go_environment(&mut cmd, &platform_ns, &key);
@@ -174,25 +129,12 @@ async fn with_go_s_environment_it_serves_datastore_keys() {
     let port = addr.rsplit(':').next().unwrap();
     assert!(fields["metrics_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
 
-    let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    for (path, key) in [("integration", &api_key), ("autojoin", &org_key)] {
-        let answer = client
-            .post(format!("{base}/v0/token/{path}"))
-            .body(format!(r#"{{"api_key":"{key}"}}"#))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200, "{path}: {}", answer.text().await.unwrap());
-    }
-    let jwks: Value = client
-        .get(format!("{base}/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let [integration, autojoin] = keys.exchange_both(&base).await;
+    assert_eq!(integration["int_id"], keys.name.as_str());
+    assert_eq!(integration["tier"], 2);
+    assert_eq!(autojoin["org"], keys.name.as_str());
+    let jwks = get_json(&format!("{base}/.well-known/jwks.json")).await;
     assert_eq!(jwks["keys"][0]["kid"], kid);
     signal(&child, "TERM");
     assert_eq!(wait_exit(&mut child).code(), Some(0));

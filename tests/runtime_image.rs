@@ -17,8 +17,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::process::{lines, signal, wait_exit};
-use support::{TEST_PROJECT, run_json, unique};
+use support::process::{lines, signal, startup_fields, wait_exit};
+use support::{GoStyleKeys, TEST_PROJECT, get_json, unique};
 
 /// The base's user (distroless `nonroot`).
 const NONROOT: u32 = 65532;
@@ -88,28 +88,7 @@ async fn the_release_binary_serves_in_the_runtime_base() {
 
     // Keys as M-Lab's tools make them, in Datastore.
     let platform_ns = unique("pc");
-    let integration = unique("img");
-    let admin = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--project-id", TEST_PROJECT, "--platform-ns", &platform_ns, "--json"]);
-        run_json(&all)
-    };
-    let api_key = admin(&["integration", "create", "--integration-id", &integration])["api_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    admin(&[
-        "autojoin",
-        "create-org",
-        "--org",
-        &integration,
-        "--email",
-        "ops@example.org",
-    ]);
-    let org_key = admin(&["autojoin", "create-key", "--org", &integration])["api_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let keys = GoStyleKeys::create(&platform_ns);
 
     // No arguments and only what the Go service's service.yaml sets, plus
     // what Cloud Run adds (PORT) and the emulator; the metrics on a free
@@ -130,50 +109,15 @@ async fn the_release_binary_serves_in_the_runtime_base() {
         .spawn()
         .expect("run chroot (needs root)");
     let stderr = lines(child.stderr.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut seen = Vec::new();
-    let fields = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(line) = stderr.recv_timeout(left) else {
-            let _ = child.kill();
-            panic!("no start-up line; the binary said:\n{}", seen.join("\n"));
-        };
-        if let Ok(v) = serde_json::from_str::<Value>(&line)
-            && v["fields"]["message"] == "listening"
-        {
-            break v["fields"].clone();
-        }
-        seen.push(line);
-    };
+    let fields = startup_fields(&stderr);
     assert!(fields["store"].as_str().unwrap().starts_with("Datastore"), "{fields}");
     assert_eq!(fields["active_kid"], kid.as_str());
 
-    let client = reqwest::Client::new();
-    let base_url = format!("http://127.0.0.1:{port}");
-    for (path, key, claim) in [("integration", &api_key, "int_id"), ("autojoin", &org_key, "org")] {
-        let answer = client
-            .post(format!("{base_url}/v0/token/{path}"))
-            .body(format!(r#"{{"api_key":"{key}"}}"#))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200, "{path}");
-        let token: Value = answer.json().await.unwrap();
-        let token = token["token"].as_str().unwrap();
-        let claims = token.split('.').nth(1).unwrap();
-        use base64::Engine as _;
-        let claims: Value =
-            serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
-        assert_eq!(claims[claim], integration.as_str(), "{claims}");
-    }
-    let jwks: Value = client
-        .get(format!("{base_url}/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let [integration, autojoin] = keys.exchange_both(&base).await;
+    assert_eq!(integration["int_id"], keys.name.as_str());
+    assert_eq!(autojoin["org"], keys.name.as_str());
+    let jwks = get_json(&format!("{base}/.well-known/jwks.json")).await;
     assert_eq!(jwks["keys"][0]["kid"], kid.as_str());
     assert!(jwks["keys"][0].get("d").is_none());
 

@@ -145,16 +145,19 @@ fn only(route: MethodRouter<AppState>, allow: &'static str) -> MethodRouter<AppS
 /// The complete API.
 pub fn router(state: AppState) -> Router {
     // Work that can pile up is limited: requests in flight, and each
-    // request's time. Probes stay outside, so they answer under load; a
-    // route's 405 fallback stays outside too (route_layer skips it), as in
-    // Go, where the router answers it before any handler.
-    let limited = Router::new()
-        .route("/v0/token/autojoin", only(post(token::autojoin), ALLOW_POST))
-        .route("/v0/token/integration", only(post(token::integration), ALLOW_POST))
-        .route("/.well-known/jwks.json", only(get(jwks::jwks), ALLOW_GET))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), limits::limits));
+    // request's time. Probes stay outside, so they answer under load. The
+    // limits wrap each route's methods only (MethodRouter::route_layer; a
+    // Router-wide route_layer would wrap the 405 fallback too), so a wrong
+    // method is answered before anything else, as Go's router does.
+    let limits = axum::middleware::from_fn_with_state(state.clone(), limits::limits);
+    let limited = |route: MethodRouter<AppState>| route.route_layer(limits.clone());
     Router::new()
-        .merge(limited)
+        .route("/v0/token/autojoin", only(limited(post(token::autojoin)), ALLOW_POST))
+        .route(
+            "/v0/token/integration",
+            only(limited(post(token::integration)), ALLOW_POST),
+        )
+        .route("/.well-known/jwks.json", only(limited(get(jwks::jwks)), ALLOW_GET))
         // Any method, as in the Go service: load balancers differ in what
         // they send to a health check.
         .route("/health", any(health::health))

@@ -321,6 +321,21 @@ async fn wrong_methods_are_405() {
             assert_refused(&answer, StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
         }
     }
+    // The router answers before any limit: a body over the limit, or no
+    // request slot left, still gets 405, as from Go's router.
+    let big = call(
+        &f.state,
+        Method::PUT,
+        "/v0/token/autojoin",
+        "x".repeat(MAX_BODY_BYTES * 4),
+    )
+    .await;
+    assert_eq!(big.status, StatusCode::METHOD_NOT_ALLOWED);
+    let all = f.state.in_flight.available_permits() as u32;
+    let held = f.state.in_flight.clone().acquire_many_owned(all).await.unwrap();
+    let shed = call(&f.state, Method::GET, "/v0/token/integration", "").await;
+    assert_eq!(shed.status, StatusCode::METHOD_NOT_ALLOWED);
+    drop(held);
     // HEAD is served wherever GET is, as in Go.
     let head = call(&f.state, Method::HEAD, "/.well-known/jwks.json", "").await;
     assert_eq!(head.status, StatusCode::OK);

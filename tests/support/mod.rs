@@ -261,6 +261,75 @@ impl Workspace {
     }
 }
 
+/// Keys made the way M-Lab's Go tools are run: no `--store` (so Datastore:
+/// the emulator of `DATASTORE_EMULATOR_HOST`), the project and the autojoin
+/// namespace given, the default integration namespace. The integration and
+/// the organization share one fresh name.
+pub struct GoStyleKeys {
+    pub name: String,
+    pub integration: String,
+    pub autojoin: String,
+}
+
+impl GoStyleKeys {
+    /// Creates them; every command must name the emulator as its store on
+    /// stderr.
+    pub fn create(platform_ns: &str) -> Self {
+        let admin = |args: &[&str]| {
+            let out = command()
+                .args(args)
+                .args(["--project-id", TEST_PROJECT, "--platform-ns", platform_ns, "--json"])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!("store: Datastore project {TEST_PROJECT}")) && stderr.contains("emulator at"),
+                "{stderr}"
+            );
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        };
+        let name = unique("go");
+        let integration = admin(&["integration", "create", "--integration-id", &name, "--tier", "2"]);
+        admin(&["autojoin", "create-org", "--org", &name, "--email", "ops@example.org"]);
+        let autojoin = admin(&["autojoin", "create-key", "--org", &name]);
+        Self {
+            integration: integration["api_key"].as_str().unwrap().to_owned(),
+            autojoin: autojoin["api_key"].as_str().unwrap().to_owned(),
+            name,
+        }
+    }
+
+    /// Exchanges both keys at `base` (`http://host:port`); returns the two
+    /// tokens' claims, integration first.
+    pub async fn exchange_both(&self, base: &str) -> [Value; 2] {
+        let client = reqwest::Client::new();
+        let mut claims = Vec::new();
+        for (route, key) in [("integration", &self.integration), ("autojoin", &self.autojoin)] {
+            let answer = client
+                .post(format!("{base}/v0/token/{route}"))
+                .body(format!(r#"{{"api_key":"{key}"}}"#))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 200, "{route}");
+            let body: Value = answer.json().await.unwrap();
+            let payload = body["token"].as_str().unwrap().split('.').nth(1).unwrap();
+            use base64::Engine as _;
+            let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap();
+            claims.push(serde_json::from_slice(&payload).unwrap());
+        }
+        claims.try_into().unwrap()
+    }
+}
+
+/// GETs `url` and parses its JSON body.
+pub async fn get_json(url: &str) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
 /// A server running in this process on 127.0.0.1 with a free port.
 pub struct TestApp {
     pub base: String,

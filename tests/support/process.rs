@@ -44,6 +44,26 @@ pub fn listening_addrs(stderr: &mpsc::Receiver<String>) -> (String, String) {
     }
 }
 
+/// The JSON fields of the server's start-up ("listening") line; panics
+/// with every line before it if none comes within 20 s (a binary that
+/// cannot start says why there).
+pub fn startup_fields(stderr: &mpsc::Receiver<String>) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = stderr.recv_timeout(left) else {
+            panic!("no start-up line; the binary said:\n{}", seen.join("\n"));
+        };
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v["fields"]["message"] == "listening"
+        {
+            return v["fields"].clone();
+        }
+        seen.push(line);
+    }
+}
+
 /// The API address, from the server's "listening" line.
 pub fn listening_addr(stderr: &mpsc::Receiver<String>) -> String {
     listening_addrs(stderr).0
