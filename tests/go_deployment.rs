@@ -9,7 +9,6 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use support::process::{lines, signal, startup_fields, wait_exit};
 use support::{GoStyleKeys, TEST_PROJECT, command, get_json, unique};
 
