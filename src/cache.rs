@@ -142,6 +142,46 @@ struct Entry {
 /// A store call shared by concurrent requests for the same key.
 type Flight = Arc<OnceCell<Result<Verdict, String>>>;
 
+/// One request's share in a flight. The flight leaves the map when its
+/// lookup ends, or when the last request waiting on it goes away (a client
+/// that hangs up mid-lookup must not leave an entry behind for good).
+struct Waiter<'a> {
+    map: &'a Mutex<HashMap<CacheKey, Flight>>,
+    key: CacheKey,
+    flight: Option<Flight>,
+}
+
+impl<'a> Waiter<'a> {
+    fn join(map: &'a Mutex<HashMap<CacheKey, Flight>>, key: CacheKey) -> Self {
+        let flight = lock(map).entry(key).or_default().clone();
+        Self {
+            map,
+            key,
+            flight: Some(flight),
+        }
+    }
+
+    fn flight(&self) -> &Flight {
+        // Unwrap: taken only in drop.
+        self.flight.as_ref().expect("a waiter holds its flight until dropped")
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let Some(flight) = self.flight.take() else { return };
+        // Clones of a flight are made and dropped only under this lock, so
+        // the count cannot change while it is held: one left means only
+        // the map's own.
+        let mut map = lock(self.map);
+        let ours = map.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &flight));
+        drop(flight);
+        if ours && map.get(&self.key).is_some_and(|f| Arc::strong_count(f) == 1) {
+            map.remove(&self.key);
+        }
+    }
+}
+
 pub struct KeyCache {
     settings: CacheSettings,
     clock: Arc<dyn Clock>,
@@ -200,7 +240,8 @@ impl KeyCache {
             return Ok(entry.verdict.clone());
         }
 
-        let flight = lock(&self.in_flight).entry(key).or_default().clone();
+        let waiter = Waiter::join(&self.in_flight, key);
+        let flight = waiter.flight();
         let ran_lookup = AtomicBool::new(false);
         let outcome = flight
             .get_or_init(|| async {
@@ -211,13 +252,14 @@ impl KeyCache {
                 }
                 // Later callers must ask the store again, not reuse this.
                 let mut in_flight = lock(&self.in_flight);
-                if in_flight.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                if in_flight.get(&key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
                     in_flight.remove(&key);
                 }
                 result.map_err(|e| e.to_string())
             })
             .await
             .clone();
+        drop(waiter);
         self.count(if ran_lookup.load(Ordering::Relaxed) {
             "miss"
         } else {
@@ -274,6 +316,11 @@ impl KeyCache {
     pub fn len(&self) -> (usize, usize) {
         (lock(&self.valid).len(), lock(&self.refused).len())
     }
+
+    /// Lookups in flight (each shared by the requests waiting on it).
+    pub fn flights(&self) -> usize {
+        lock(&self.in_flight).len()
+    }
 }
 
 #[cfg(test)]
@@ -326,6 +373,44 @@ mod tests {
         fn counted(&self, result: &str) -> u64 {
             self.metrics.key_cache.with_label_values(&[result]).get()
         }
+    }
+
+    #[tokio::test]
+    async fn requests_that_give_up_leave_no_flight_behind() {
+        let f = fixture(100);
+        // Lookups that never finish, abandoned by their callers (a client
+        // that hung up): 1,000 distinct keys, then nothing may remain.
+        for i in 0..1000 {
+            let lookup = f
+                .cache
+                .verdict(cache_key(b'a', &format!("k{i}")), || std::future::pending());
+            let abandoned = tokio::time::timeout(Duration::from_millis(1), lookup).await;
+            assert!(abandoned.is_err());
+        }
+        assert_eq!(f.cache.flights(), 0);
+
+        // A caller that gave up mid-lookup does not strand a later one:
+        // it runs its own lookup, and no flight is left afterwards.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let rx = std::sync::Mutex::new(Some(rx));
+        let key = cache_key(b'a', "shared");
+        let lookup = || async {
+            let rx = rx.lock().unwrap().take().expect("one lookup");
+            let _ = rx.await;
+            Ok(valid("o"))
+        };
+        let first = f.cache.verdict(key, lookup);
+        assert!(tokio::time::timeout(Duration::from_millis(5), first).await.is_err());
+        let waiting = tokio::spawn({
+            let cache = f.cache.clone();
+            async move { cache.verdict(key, || async { Ok(valid("second")) }).await }
+        });
+        tokio::task::yield_now().await;
+        drop(tx);
+        // The abandoned lookup cannot finish, so the waiting caller runs its
+        // own: a caller that stayed always gets an answer.
+        assert_eq!(waiting.await.unwrap().unwrap(), valid("second"));
+        assert_eq!(f.cache.flights(), 0);
     }
 
     #[tokio::test]

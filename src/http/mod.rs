@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 use crate::cache::{CacheSettings, Clock, KeyCache, SystemClock};
 use crate::metrics::Metrics;
 use crate::signing::{KeySet, SharedKeys};
-use crate::store::{Instrumented, Lookups};
+use crate::store::{Bounded, Instrumented, Lookups};
 use crate::validate::Validator;
 
 /// Largest request body read. A request is `{"api_key":"..."}` with a key of
@@ -118,7 +118,10 @@ impl AppState {
         // A probe is one store call, which the store may retry once.
         let probe_timeout = settings.store_timeout * 2 + Duration::from_millis(500);
         let health = Arc::new(StoreHealth::new(store.clone(), probe_timeout, settings.readiness));
-        let instrumented = Arc::new(Instrumented::new(store, metrics.clone(), health.clone()));
+        // Bounded inside Instrumented: time spent waiting for a store slot
+        // counts as store time, and a busy store as a store error.
+        let bounded = Arc::new(Bounded::new(store, settings.store_timeout));
+        let instrumented = Arc::new(Instrumented::new(bounded, metrics.clone(), health.clone()));
         let cache = Arc::new(KeyCache::new(settings.cache, settings.clock.clone(), metrics.clone()));
         Self {
             keys: Arc::new(ArcSwap::new(keys)),

@@ -59,6 +59,10 @@ impl Backend for FakeStore {
         "fake"
     }
 
+    fn capacity(&self) -> usize {
+        16
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.pings.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {

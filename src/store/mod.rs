@@ -6,6 +6,7 @@
 //! holding a key). The admin CLI needs [`Admin`]. A backend implements all
 //! three; [`open`] picks one from the `--store` setting.
 
+mod bounded;
 pub mod datastore;
 mod instrumented;
 mod sql;
@@ -19,6 +20,7 @@ use time::OffsetDateTime;
 use crate::api_key::AutojoinApiKey;
 use crate::config::StoreArgs;
 
+pub use bounded::Bounded;
 pub use datastore::{DatastoreConfig, DatastoreStore};
 pub use instrumented::Instrumented;
 pub use sql::{DEFAULT_PG_CONNECTIONS, SqlStore};
@@ -226,6 +228,10 @@ pub trait Backend: Send + Sync {
 
     /// A cheap read that succeeds only if the store answers now.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// How many calls the store serves at once (its connections); the
+    /// request path never has more outstanding (see [`Bounded`]).
+    fn capacity(&self) -> usize;
 }
 
 /// The part of a store the request path uses.

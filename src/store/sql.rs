@@ -261,6 +261,10 @@ impl Backend for SqlStore {
         }
     }
 
+    fn capacity(&self) -> usize {
+        on_pool!(self, pool => pool.options().get_max_connections() as usize)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         // A read of a real table, so a lock held by another process shows.
         on_pool!(self, pool => {

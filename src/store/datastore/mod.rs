@@ -28,6 +28,12 @@ pub const INTEGRATION_KEY_KIND: &str = "IntegrationAPIKey";
 pub const ORGANIZATION_KIND: &str = "Organization";
 pub const AUTOJOIN_KEY_KIND: &str = "APIKey";
 
+/// Datastore calls one replica makes at once on the request path. Each is
+/// an HTTPS request of a few milliseconds, so this allows thousands of
+/// uncached lookups a second while bounding sockets and memory when
+/// Datastore slows down.
+const DATASTORE_CALLS: usize = 64;
+
 /// Where the entities live.
 #[derive(Debug, Clone)]
 pub struct DatastoreConfig {
@@ -296,6 +302,10 @@ impl AutojoinKeys for DatastoreStore {
 impl Backend for DatastoreStore {
     fn backend(&self) -> &'static str {
         "datastore"
+    }
+
+    fn capacity(&self) -> usize {
+        DATASTORE_CALLS
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
