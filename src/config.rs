@@ -79,8 +79,9 @@ pub struct MigrateArgs {
 }
 
 /// Which store to use; shared by the server and every admin command, so
-/// they all work on the same data.
-#[derive(Debug, Clone, Args)]
+/// they all work on the same data. `Debug` shows where the store is, never
+/// the URL itself, which may hold a password.
+#[derive(Clone, Args)]
 pub struct StoreArgs {
     /// The key store: `datastore` (Google Cloud Datastore, as the Go
     /// service), `sqlite:PATH` (an embedded database file) or
@@ -97,13 +98,28 @@ pub struct StoreArgs {
     /// Datastore namespace of client integrations and their keys.
     #[arg(long, env = "CLIENT_INTEGRATION_NS", default_value = "client-integration")]
     pub client_integration_ns: String,
-    /// Limit on each store call (e.g. `2s`, `500ms`). A read that fails or
-    /// times out is retried once, then the request gets a 503.
+    /// Limit on each store call (e.g. `2s`, `500ms`); past it the request
+    /// gets a 503. Datastore reads that fail transiently are retried once
+    /// within the request; SQL stores rely on their connection pool.
     #[arg(long, env = "STORE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub store_timeout: Duration,
     /// Most connections to PostgreSQL from this process.
     #[arg(long, env = "STORE_MAX_CONNECTIONS", default_value_t = crate::store::DEFAULT_PG_CONNECTIONS)]
     pub store_max_connections: u32,
+}
+
+impl std::fmt::Debug for StoreArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let store = match crate::store::locate(self) {
+            Ok(location) => location.to_string(),
+            Err(_) => "(unrecognised)".to_owned(),
+        };
+        f.debug_struct("StoreArgs")
+            .field("store", &store)
+            .field("store_timeout", &self.store_timeout)
+            .field("store_max_connections", &self.store_max_connections)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Parses `500ms`, `2s`, `1m` or a bare number of seconds.
@@ -447,6 +463,20 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn store_settings_never_print_a_password() {
+        let cli = Cli::try_parse_from([
+            "token-exchange",
+            "serve",
+            "--store",
+            "postgres://tx:hunter2@db.example:5432/keys",
+        ])
+        .unwrap();
+        let text = format!("{cli:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("PostgreSQL database keys on db.example:5432"), "{text}");
     }
 
     #[test]

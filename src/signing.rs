@@ -58,10 +58,12 @@ impl Algorithm {
 /// value of a private member.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Invalid { path: PathBuf, source: JwkError },
+    // The cause is in the message and deliberately not a `source`: error
+    // chains (`{:#}`) would print it twice.
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("{path}: {error}")]
+    Invalid { path: PathBuf, error: JwkError },
 }
 
 /// A defect in the contents of a JWK.
@@ -97,6 +99,8 @@ pub enum JwkError {
     BadBase64(&'static str),
     #[error("the members do not form a valid key pair: {0}")]
     InvalidKeyPair(&'static str),
+    #[error("RSA public exponent \"e\" is not 65537 (\"AQAB\"); small exponents such as 3 are refused")]
+    RsaExponent,
     #[error("kid {0:?} is used by two keys; every published key needs its own kid")]
     DuplicateKid(String),
 }
@@ -220,13 +224,13 @@ pub enum SignError {
 impl SigningKey {
     /// Loads a private JWK file.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+        let bytes = std::fs::read(path).map_err(|error| KeyError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
-        Self::from_jwk_json(&bytes).map_err(|source| KeyError::Invalid {
+        Self::from_jwk_json(&bytes).map_err(|error| KeyError::Invalid {
             path: path.to_owned(),
-            source,
+            error,
         })
     }
 
@@ -252,10 +256,12 @@ impl SigningKey {
     fn with_material(m: &JwkMembers, kid: String, alg: Algorithm, public: PublicJwk) -> Result<Self, JwkError> {
         let material = match alg {
             Algorithm::Rs256 => {
+                let e = member(&m.e, "e")?;
+                check_rsa_exponent(&e)?;
                 let components = KeyPairComponents {
                     public_key: PublicKeyComponents {
                         n: member(&m.n, "n")?,
-                        e: member(&m.e, "e")?,
+                        e,
                     },
                     d: member(&m.d, "d")?,
                     p: member(&m.p, "p")?,
@@ -471,13 +477,24 @@ impl KeySet {
     /// Loads the active private key and the files of keys to publish.
     pub fn load(private_path: &Path, public_paths: &[PathBuf]) -> Result<Self, KeyError> {
         let active = SigningKey::load(private_path)?;
-        let mut others = Vec::new();
+        let mut others: Vec<PublicJwk> = Vec::new();
         for path in public_paths {
-            others.extend(load_public_keys(path)?);
+            let keys = load_public_keys(path)?;
+            // Checked file by file, so the error names the file that
+            // repeats a kid, not the first one given.
+            for key in &keys {
+                if key.kid == active.kid() || others.iter().any(|o| o.kid == key.kid) {
+                    return Err(KeyError::Invalid {
+                        path: path.clone(),
+                        error: JwkError::DuplicateKid(truncate(&key.kid)),
+                    });
+                }
+            }
+            others.extend(keys);
         }
-        Self::with_published(active, others).map_err(|source| KeyError::Invalid {
-            path: public_paths.first().cloned().unwrap_or_default(),
-            source,
+        Self::with_published(active, others).map_err(|error| KeyError::Invalid {
+            path: private_path.to_owned(),
+            error,
         })
     }
 
@@ -504,13 +521,13 @@ pub type SharedKeys = std::sync::Arc<arc_swap::ArcSwap<KeySet>>;
 /// only the public part is used) or a JWK Set `{"keys":[...]}`, which may be
 /// empty (nothing to publish right now).
 pub fn load_public_keys(path: &Path) -> Result<Vec<PublicJwk>, KeyError> {
-    let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+    let bytes = std::fs::read(path).map_err(|error| KeyError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })?;
-    public_keys_from_json(&bytes).map_err(|source| KeyError::Invalid {
+    public_keys_from_json(&bytes).map_err(|error| KeyError::Invalid {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -532,6 +549,17 @@ pub fn public_keys_from_json(bytes: &[u8]) -> Result<Vec<PublicJwk>, JwkError> {
     members.iter().map(public_from_members).collect()
 }
 
+/// Only the exponent every RSA signing key in practice has: small ones
+/// (3) have a history of signature forgeries with careless verifiers, and
+/// no key generator we accept keys from makes anything else.
+fn check_rsa_exponent(e: &[u8]) -> Result<(), JwkError> {
+    if e == [1, 0, 1] {
+        Ok(())
+    } else {
+        Err(JwkError::RsaExponent)
+    }
+}
+
 /// The public JWK of `m`, checked: with a private part, the pair must
 /// match; without, the public members must form a usable key.
 fn public_from_members(m: &JwkMembers) -> Result<PublicJwk, JwkError> {
@@ -549,9 +577,7 @@ fn public_from_members(m: &JwkMembers) -> Result<PublicJwk, JwkError> {
             if n.len() < 256 || n.len() > 1024 || n[0] == 0 {
                 return Err(JwkError::InvalidKeyPair("RSA modulus must be 2048 to 8192 bits"));
             }
-            if e.is_empty() || e.len() > 5 || e[e.len() - 1] & 1 == 0 {
-                return Err(JwkError::InvalidKeyPair("RSA exponent must be odd and at most 33 bits"));
-            }
+            check_rsa_exponent(&e)?;
         }
         Algorithm::Es256 => {
             let mut point = vec![0x04];
@@ -945,6 +971,39 @@ mod key_set_tests {
     }
 
     #[test]
+    fn a_repeated_kid_is_blamed_on_the_file_that_repeats_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, v: &Value| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, v.to_string()).unwrap();
+            path
+        };
+        let (_, active) = private(Algorithm::EdDsa);
+        let (_, other) = private(Algorithm::EdDsa);
+        let active_path = write("active.json", &active);
+        let fine = write("fine.json", &public_of(&other));
+        let repeats = write("repeats.json", &public_of(&active));
+        let err = KeySet::load(&active_path, &[fine.clone(), repeats.clone()]).unwrap_err();
+        assert!(
+            matches!(&err, KeyError::Invalid { path, error: JwkError::DuplicateKid(_) } if *path == repeats),
+            "{err}"
+        );
+        let again = write("again.json", &public_of(&other));
+        let err = KeySet::load(&active_path, &[fine, again.clone()]).unwrap_err();
+        assert!(
+            matches!(&err, KeyError::Invalid { path, .. } if *path == again),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn error_text_names_its_cause_once() {
+        let err = SigningKey::load(Path::new("/nonexistent/key.json")).unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(chain.matches("No such file").count(), 1, "{chain}");
+    }
+
+    #[test]
     fn public_key_files_hold_a_key_or_a_set() {
         let (_, a) = private(Algorithm::Es256);
         let (_, b) = private(Algorithm::Rs256);
@@ -966,9 +1025,19 @@ mod key_set_tests {
         let mut short = public_of(&rsa);
         short["n"] = json!(URL_SAFE_NO_PAD.encode([0xffu8; 128]));
         assert!(matches!(load(short), Err(JwkError::InvalidKeyPair(_))));
-        let mut even = public_of(&rsa);
-        even["e"] = json!("AQAA");
-        assert!(matches!(load(even), Err(JwkError::InvalidKeyPair(_))));
+        // Any exponent but 65537 is refused, by name, public or private.
+        for e in ["AQAA", "Aw", "AQAAAQ", "AAEAAQ"] {
+            let mut odd = public_of(&rsa);
+            odd["e"] = json!(e);
+            assert_eq!(load(odd).err(), Some(JwkError::RsaExponent), "{e}");
+            let mut whole = rsa.clone();
+            whole["e"] = json!(e);
+            assert_eq!(
+                SigningKey::from_jwk_json(whole.to_string().as_bytes()).err(),
+                Some(JwkError::RsaExponent),
+                "{e}"
+            );
+        }
         let mut short_ed = public_of(&ed);
         short_ed["x"] = json!("AAAA");
         assert!(matches!(load(short_ed), Err(JwkError::InvalidKeyPair(_))));

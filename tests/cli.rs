@@ -320,6 +320,11 @@ async fn serve_dev_needs_no_setup_and_prints_a_working_curl() {
     }
     assert_eq!(kids[0], kids[1], "the development key is kept between runs");
     assert!(dir.path().join("token-exchange-dev/jwk-priv.json").exists());
+    // Private: the folder and the database in it.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &str| std::fs::metadata(dir.path().join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("token-exchange-dev"), 0o700);
+    assert_eq!(mode("token-exchange-dev/token-exchange.db"), 0o600);
 }
 
 #[tokio::test]

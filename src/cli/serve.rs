@@ -28,8 +28,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let mut store_args = args.store.clone();
     if args.dev && store_args.store.is_none() {
-        std::fs::create_dir_all(&args.data_dir)
-            .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+        create_private_dir(&args.data_dir)?;
         let path = args.data_dir.join("token-exchange.db");
         store_args.store = Some(format!("sqlite:{}", path.display()));
     }
@@ -87,7 +86,7 @@ fn dev_signing_key_path(args: &ServeArgs) -> anyhow::Result<PathBuf> {
     if path.exists() {
         return Ok(path);
     }
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    create_private_dir(&args.data_dir)?;
     let (_, text) = SigningKey::generate(Algorithm::Rs256, None)?;
     write_private_jwk(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
     tracing::warn!(
@@ -95,6 +94,20 @@ fn dev_signing_key_path(args: &ServeArgs) -> anyhow::Result<PathBuf> {
         "generated a DEVELOPMENT signing key; production needs a key from `token-exchange keygen` in --private-key-path"
     );
     Ok(path)
+}
+
+/// The development data folder, readable by its owner only: it holds a
+/// signing key, demo API keys and a database of hashes.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    // A folder made by an older version (0755) is tightened too.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict {}", dir.display()))
 }
 
 /// Demo API keys, as files in the data folder (the store keeps only hashes,

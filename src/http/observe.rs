@@ -16,8 +16,11 @@ use crate::metrics::method_label;
 
 /// Header carrying the request ID, in and out.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// Longest request ID taken from a caller; longer ones are replaced.
-const MAX_REQUEST_ID_LEN: usize = 128;
+/// Longest request ID taken from a caller; longer ones are replaced. Room
+/// for a UUID (36) and most tracing IDs, but not for an API key: autojoin
+/// keys are 43 characters and integration keys longer, so a key pasted
+/// into the header can never reach the log.
+const MAX_REQUEST_ID_LEN: usize = 40;
 /// The paths the API serves. Any other path is logged as `other`: a path
 /// is chosen by the caller, and one that pasted an API key into a URL must
 /// not get it written to the log.
@@ -37,12 +40,16 @@ pub struct Issued(pub Principal);
 #[derive(Debug, Clone)]
 pub struct FailureDetail(pub String);
 
-/// The caller's request ID if it is printable and short, else a new one.
+/// The caller's request ID if it is short and made of safe characters
+/// (letters, digits, `-`, `_`, `.`, `:`) and is not an integration key,
+/// else a new one.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let safe = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':');
     headers
         .get(&REQUEST_ID)
         .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID_LEN)
-        .filter(|v| v.as_bytes().iter().all(|b| b.is_ascii_graphic()))
+        .filter(|v| v.as_bytes().iter().all(safe))
+        .filter(|v| !v.as_bytes().starts_with(crate::api_key::PREFIX.as_bytes()))
         .cloned()
         .unwrap_or_else(|| {
             let mut random = [0u8; 16];
@@ -165,8 +172,25 @@ mod tests {
         assert_eq!(request_id(&headers), "abc-123");
         headers.insert(&REQUEST_ID, HeaderValue::from_static("has space"));
         assert_ne!(request_id(&headers), "has space");
-        headers.insert(&REQUEST_ID, HeaderValue::from_str(&"x".repeat(129)).unwrap());
+        headers.insert(&REQUEST_ID, HeaderValue::from_str(&"x".repeat(41)).unwrap());
         assert_eq!(request_id(&headers).len(), 36);
+        let uuid = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        headers.insert(&REQUEST_ID, HeaderValue::from_static(uuid));
+        assert_eq!(request_id(&headers), uuid);
+        // Keys never pass: too long, or an integration key's prefix, or
+        // characters a key separator or a log line could abuse.
+        for key in [
+            "mlabk.cii_a.ki_b.c",
+            "3uJ0rMq2X9c4mVh7lKpQ1sTzA8bN5yWfE6gRoLdIjCu",
+            "mlabk.cii_acme.ki_4f1c2a9b7e3d5c60.q2XAAAAAAAAAAAAAAA",
+            "a\"b",
+            "a b",
+            "a/b",
+            "{\"x\":1}",
+        ] {
+            headers.insert(&REQUEST_ID, HeaderValue::from_str(key).unwrap());
+            assert_ne!(request_id(&headers), key, "{key}");
+        }
     }
 
     #[test]

@@ -91,6 +91,27 @@ impl SqlStore {
     /// held by another process and the wait for a pooled connection: past
     /// it, a request gets a 503 rather than hanging.
     pub async fn open_sqlite(path: &Path, timeout: Duration) -> Result<Self, StoreError> {
+        // Created here, private, before SQLite would create it world-readable:
+        // it holds key hashes and e-mail addresses. (An empty file is an
+        // empty database to SQLite; its journal takes the file's mode.)
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot create {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        }
         let options = SqliteConnectOptions::from_str("sqlite:")
             .map_err(backend)?
             .filename(path)
