@@ -3,12 +3,14 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
-use crate::http::{AppState, metrics_router, router};
+use crate::http::{AppState, MAX_HEADER_BYTES, metrics_router, router};
 
 /// How long in-flight requests may take to finish after a stop signal.
 /// Matches the Go service; Kubernetes' default grace period is also 30 s.
@@ -87,6 +89,18 @@ pub struct Application {
     metrics: TcpListener,
     metrics_router: Router,
     header_read_timeout: Duration,
+    /// Open API connections at most.
+    max_connections: usize,
+}
+
+/// Open connections to the metrics listener at most: scrapers are few.
+const METRICS_CONNECTIONS: usize = 64;
+
+/// How each listener treats its connections.
+#[derive(Clone, Copy)]
+struct ConnectionLimits {
+    header_read_timeout: Duration,
+    max_connections: usize,
 }
 
 impl Application {
@@ -104,6 +118,7 @@ impl Application {
         Self {
             api,
             header_read_timeout: state.settings.header_read_timeout,
+            max_connections: state.settings.max_connections,
             metrics_router: metrics_router(state.metrics.clone()),
             api_router: router(state),
             metrics,
@@ -130,8 +145,12 @@ impl Application {
         F: Future<Output = ()> + Send + 'static,
     {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let api = serve(self.api, self.api_router, self.header_read_timeout, stop_rx.clone());
-        let metrics = serve(self.metrics, self.metrics_router, self.header_read_timeout, stop_rx);
+        let limits = |max_connections| ConnectionLimits {
+            header_read_timeout: self.header_read_timeout,
+            max_connections,
+        };
+        let api = serve(self.api, self.api_router, limits(self.max_connections), stop_rx.clone());
+        let metrics = serve(self.metrics, self.metrics_router, limits(METRICS_CONNECTIONS), stop_rx);
         let servers = async {
             tokio::join!(api, metrics);
             Ok(())
@@ -155,13 +174,16 @@ impl Application {
 /// Serves HTTP/1.1 on `listener` until `stop` turns true, then stops
 /// accepting and waits for open connections to finish their requests.
 ///
-/// Written on hyper directly rather than `axum::serve` for one setting:
-/// a header read timeout, without which a client trickling header bytes
-/// holds a connection (and a file descriptor) for as long as it likes.
+/// Written on hyper directly rather than `axum::serve` for what a hostile
+/// client would otherwise exploit: a header read timeout (a trickled head
+/// holds a connection for at most that long), a small head buffer (431
+/// beyond [`MAX_HEADER_BYTES`]), and a cap on open connections, enforced
+/// before `accept` so the excess waits in the kernel's backlog instead of
+/// in our memory.
 async fn serve(
     listener: TcpListener,
     router: Router,
-    header_read_timeout: Duration,
+    limits: ConnectionLimits,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -171,8 +193,17 @@ async fn serve(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // never closed
+            },
+            () = stopped(&mut stop) => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -196,6 +227,7 @@ async fn serve(
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);

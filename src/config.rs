@@ -223,6 +223,16 @@ pub struct ServeArgs {
     /// are closed.
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
+    /// Time a client has to send its request body once the headers are in;
+    /// slower requests get 408. The body is read before the request counts
+    /// against --max-in-flight.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+    /// Open connections at most; beyond it new connections wait in the
+    /// kernel's backlog until one closes.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 }
 
 impl ServeArgs {
@@ -241,6 +251,8 @@ impl ServeArgs {
                 .max_in_flight
                 .map_or_else(crate::http::default_max_in_flight, |n| n as usize),
             header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
+            max_connections: self.max_connections as usize,
             ..crate::http::Settings::default()
         }
     }

@@ -19,6 +19,9 @@ pub struct Metrics {
     /// method and status: what Go's series leave out (wrong methods,
     /// redirects, probes, 404s).
     pub http_requests: IntCounterVec,
+    /// Requests the client abandoned before the answer, by route and the
+    /// phase it left in (also counted as code 499 in `http_requests`).
+    pub requests_cancelled: IntCounterVec,
     /// Tokens signed and returned, by audience and tier (empty for autojoin).
     pub tokens_issued: IntCounterVec,
     /// Integration tokens by integration. Only valid keys reach it, so its
@@ -103,6 +106,12 @@ impl Metrics {
                 "tokenexchange_http_requests_total",
                 "Requests to the API port, by route, method and status code.",
                 &["route", "method", "code"],
+            ),
+            requests_cancelled: counter(
+                &registry,
+                "tokenexchange_requests_cancelled_total",
+                "Requests whose client went away before the answer, by route and phase (body, handling).",
+                &["route", "phase"],
             ),
             tokens_issued: counter(
                 &registry,

@@ -216,10 +216,10 @@ async fn every_hostile_request_gets_its_status_and_the_server_survives() {
     };
     rows.push(slow);
     let mut too_slow = row(
-        "body sent slower than the deadline",
+        "body sent slower than the body read timeout",
         INTEGRATION,
         body_with_key(good.as_bytes()),
-        503,
+        408,
     );
     too_slow.send = Send::Slowly {
         pieces: 10,

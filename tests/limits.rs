@@ -1,5 +1,5 @@
-//! Request limits over real sockets: body size, request deadline, header
-//! read timeout, and load shedding.
+//! Request limits over real sockets: body size, body read timeout, request
+//! deadline, header read timeout, and load shedding.
 
 mod support;
 
@@ -90,17 +90,59 @@ async fn a_request_past_its_deadline_is_503() {
         },
     )
     .await;
+    // The store is locked for longer than the deadline (busy timeout 2 s).
+    let lock = support::lock_sqlite(&ws).await;
     let body = format!(r#"{{"api_key":"{key}"}}"#);
     let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
     conn.write_all(post_head(body.len()).as_bytes()).await.unwrap();
-    conn.write_all(&body.as_bytes()[..5]).await.unwrap();
+    conn.write_all(body.as_bytes()).await.unwrap();
     let started = Instant::now();
     let response = read_response(&mut conn, Duration::from_secs(5)).await;
     assert!(response.starts_with("HTTP/1.1 503"), "{response}");
     assert!(response.contains("retry-after: 1"), "{response}");
     assert!(response.ends_with("Request timed out, retry later\n"), "{response}");
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    drop(lock);
     assert_eq!(app.status("integration", &key).await, 200);
+}
+
+#[tokio::test]
+async fn a_trickled_body_gets_408_and_never_holds_a_slot() {
+    let ws = Workspace::new("EdDSA");
+    let key = ws.integration_key("trickle", &[]);
+    let app = app(
+        &ws,
+        Settings {
+            max_in_flight: 1,
+            body_read_timeout: Duration::from_secs(1),
+            ..settings(&ws)
+        },
+    )
+    .await;
+    let body = format!(r#"{{"api_key":"{key}"}}"#);
+    // Twenty clients send their headers and one byte of body, then stall.
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+        conn.write_all(post_head(body.len()).as_bytes()).await.unwrap();
+        conn.write_all(&body.as_bytes()[..1]).await.unwrap();
+        stalled.push(conn);
+    }
+    // The one slot is free: a real exchange goes through at once.
+    let started = Instant::now();
+    assert_eq!(app.status("integration", &key).await, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    // The stalled ones are cut off after the body timeout with 408.
+    for mut conn in stalled {
+        let response = read_response(&mut conn, Duration::from_secs(5)).await;
+        assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+        assert!(response.ends_with("Request Timeout\n"), "{response}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
 }
 
 #[tokio::test]
@@ -148,22 +190,29 @@ async fn a_client_trickling_headers_is_disconnected() {
 async fn requests_beyond_max_in_flight_are_shed_with_503() {
     let ws = Workspace::new("EdDSA");
     let key = ws.integration_key("busy", &[]);
-    let app = app(
+    // A store that waits long for a lock, so requests stay in flight.
+    let mut store_args = ws.store_args.clone();
+    store_args.store_timeout = Duration::from_secs(20);
+    let store = token_exchange::store::open(&store_args).await.unwrap();
+    let app = spawn_app_full(
+        store,
         &ws,
         Settings {
             max_in_flight: 2,
             request_timeout: Duration::from_secs(30),
+            store_timeout: Duration::from_secs(20),
             ..settings(&ws)
         },
     )
     .await;
+    let lock = support::lock_sqlite(&ws).await;
     let body = format!(r#"{{"api_key":"{key}"}}"#);
-    // Ten slow requests: headers and the start of the body, then a pause.
+    // Ten whole requests while the store is locked.
     let mut conns = Vec::new();
     for _ in 0..10 {
         let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
         conn.write_all(post_head(body.len()).as_bytes()).await.unwrap();
-        conn.write_all(&body.as_bytes()[..5]).await.unwrap();
+        conn.write_all(body.as_bytes()).await.unwrap();
         conns.push(conn);
         // In order, so the first two are the ones holding the slots.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -183,9 +232,9 @@ async fn requests_beyond_max_in_flight_are_shed_with_503() {
     assert_eq!((shed, waiting.len()), (8, 2));
     // Probes are not limited.
     assert_eq!(app.get_status("/health").await, 200);
-    // The two in flight finish normally.
+    // The two in flight finish normally once the lock is gone.
+    drop(lock);
     for mut conn in waiting {
-        conn.write_all(&body.as_bytes()[5..]).await.unwrap();
         let response = read_response(&mut conn, Duration::from_secs(5)).await;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     }

@@ -37,6 +37,10 @@ pub enum ApiError {
     Overloaded,
     #[error("request deadline passed")]
     TimedOut,
+    #[error("request body not received within the body read timeout")]
+    BodyTimedOut,
+    #[error("reading the request body failed: {0}")]
+    BodyFailed(String),
 }
 
 impl From<Rejection> for ApiError {
@@ -62,6 +66,9 @@ impl ApiError {
             ApiError::Signing(_) => (StatusCode::INTERNAL_SERVER_ERROR, "Failed to generate token\n"),
             ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "Server busy, retry later\n"),
             ApiError::TimedOut => (StatusCode::SERVICE_UNAVAILABLE, "Request timed out, retry later\n"),
+            // The client's fault, not ours: Go's text for 408.
+            ApiError::BodyTimedOut => (StatusCode::REQUEST_TIMEOUT, "Request Timeout\n"),
+            ApiError::BodyFailed(_) => (StatusCode::BAD_REQUEST, "Invalid request body\n"),
         }
     }
 }

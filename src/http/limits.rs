@@ -1,14 +1,16 @@
 //! Limits on the work a request can make the server hold: how large it is,
-//! how many run at once, and for how long. Too many or too long answer 503,
-//! like an unavailable store: the caller should try again shortly, perhaps
-//! on another replica.
+//! how long its body may take (408), how many run at once, and for how
+//! long. Too many or too long answer 503, like an unavailable store: the
+//! caller should try again shortly, perhaps on another replica.
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse as _, Response};
 
+use axum::body::Body;
 use axum::http::header;
 
+use super::observe::{Phase, Progress};
 use super::{ApiError, AppState, MAX_BODY_BYTES};
 
 pub(super) async fn limits(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -23,6 +25,26 @@ pub(super) async fn limits(State(state): State<AppState>, request: Request, next
     if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
         return ApiError::PayloadTooLarge.into_response();
     }
+    // The body first, under its own short deadline and before taking a
+    // slot: a client that trickles its body holds a connection for at most
+    // the body timeout, and never a slot that legitimate requests need.
+    let progress = request.extensions().get::<Progress>().cloned().unwrap_or_default();
+    progress.set(Phase::Body);
+    let (parts, body) = request.into_parts();
+    let body = match tokio::time::timeout(
+        state.settings.body_read_timeout,
+        axum::body::to_bytes(body, MAX_BODY_BYTES),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) if is_length_limit(&e) => return ApiError::PayloadTooLarge.into_response(),
+        Ok(Err(e)) => return ApiError::BodyFailed(e.to_string()).into_response(),
+        Err(_) => return ApiError::BodyTimedOut.into_response(),
+    };
+    let request = Request::from_parts(parts, Body::from(body));
+    progress.set(Phase::Handling);
+
     // Shed at once rather than queue: a queue only adds latency to every
     // request behind it, and the load balancer can retry elsewhere.
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
@@ -32,4 +54,17 @@ pub(super) async fn limits(State(state): State<AppState>, request: Request, next
         Ok(response) => response,
         Err(_) => ApiError::TimedOut.into_response(),
     }
+}
+
+/// Whether reading a body failed because it passed the size limit (as
+/// axum's own body extractor tells).
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }

@@ -23,7 +23,7 @@ use axum::http::header;
 use axum::routing::{MethodRouter, any, get, post};
 
 pub use error::ApiError;
-pub use observe::{FailureDetail, Issued, REQUEST_ID};
+pub use observe::{FailureDetail, Issued, Phase, Progress, REQUEST_ID};
 pub use ready::{FRESHNESS, PROBE_INTERVAL, ReadinessWindows, StoreHealth};
 pub use token::{DecodeError, decode_token_request};
 
@@ -61,6 +61,12 @@ pub struct Settings {
     pub max_in_flight: usize,
     /// Time a client has to send a request's headers.
     pub header_read_timeout: Duration,
+    /// Time a client has to send a request's body, once its headers are in.
+    /// The body is read before the request takes an in-flight slot.
+    pub body_read_timeout: Duration,
+    /// Open connections at most; past it the server stops accepting until
+    /// one closes (the kernel's backlog holds the rest).
+    pub max_connections: usize,
 }
 
 /// Default deadline of a request: a store call, its retry, and signing,
@@ -68,6 +74,19 @@ pub struct Settings {
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time to send request headers; a real client needs milliseconds.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time to send a body of at most 4 KiB: milliseconds for a real
+/// client even on a poor link; a connection that trickles is cut off
+/// before it can hold anything for long.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest request head (request line and headers). API clients send a few
+/// hundred bytes; hyper's default (~400 KiB) let 1,000 unfinished heads take
+/// 400 MiB. Beyond it the answer is 431.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Default cap on open connections. The worst a connection holds is a full
+/// head buffer, a body and the write buffer (about 40 KiB all told, see the
+/// README's "Limits under attack"), so 2,048 of them stay under 100 MiB and
+/// fit a 256 MiB Cloud Run instance with room for the cache.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
 
 /// Default limit on requests in flight: most of a request's time is spent
 /// waiting for the store, so each core can keep a few hundred going; beyond
@@ -87,6 +106,8 @@ impl Default for Settings {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_in_flight: default_max_in_flight(),
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

@@ -2,6 +2,8 @@
 //! feeds the metrics, and writes the access log line, with the failure
 //! detail that handlers leave in the response (never in its body).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 use axum::extract::{Request, State};
@@ -31,6 +33,83 @@ pub(super) const ROUTES: &[&str] = &[
     "/health",
     "/ready",
 ];
+
+/// How far a request got; read when its client leaves before the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Routed, nothing read yet.
+    Head = 0,
+    /// Reading the body.
+    Body = 1,
+    /// Validating the key (cache, store) and signing.
+    Handling = 2,
+}
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Head => "head",
+            Phase::Body => "body",
+            Phase::Handling => "handling",
+        }
+    }
+}
+
+/// A request's [`Phase`], shared through its extensions with the layers
+/// that move it on.
+#[derive(Debug, Clone, Default)]
+pub struct Progress(Arc<AtomicU8>);
+
+impl Progress {
+    pub fn set(&self, phase: Phase) {
+        self.0.store(phase as u8, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Phase {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Phase::Body,
+            2 => Phase::Handling,
+            _ => Phase::Head,
+        }
+    }
+}
+
+/// Writes the access line and the counts of a request whose client went
+/// away: the request's future is dropped mid-way, and this with it.
+struct Abandoned<'a> {
+    armed: bool,
+    state: &'a AppState,
+    method: &'a Method,
+    path: &'static str,
+    id: &'a str,
+    started: Instant,
+    progress: Progress,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let phase = self.progress.get().label();
+        let metrics = &self.state.metrics;
+        metrics
+            .http_requests
+            .with_label_values(&[self.path, method_label(self.method), "499"])
+            .inc();
+        metrics.requests_cancelled.with_label_values(&[self.path, phase]).inc();
+        tracing::info!(
+            method = %self.method,
+            path = %self.path,
+            status = 499,
+            latency_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            request_id = %self.id,
+            phase,
+            "request abandoned by the client"
+        );
+    }
+}
 
 /// Left in a response by the token handlers: who the token was issued to.
 #[derive(Debug, Clone)]
@@ -71,8 +150,22 @@ pub(super) async fn observe(State(state): State<AppState>, request: Request, nex
     let id = request_id(request.headers());
     let id_text = id.to_str().unwrap_or_default().to_owned();
 
+    let progress = Progress::default();
+    let mut request = request;
+    request.extensions_mut().insert(progress.clone());
+    let mut abandoned = Abandoned {
+        armed: true,
+        state: &state,
+        method: &method,
+        path,
+        id: &id_text,
+        started,
+        progress,
+    };
     let span = tracing::info_span!("request", request_id = %id_text);
     let mut response = next.run(request).instrument(span).await;
+    abandoned.armed = false;
+    drop(abandoned);
     let elapsed = started.elapsed();
     let status = response.status();
 

@@ -325,6 +325,21 @@ impl GoStyleKeys {
     }
 }
 
+/// Holds an exclusive lock on a SQLite workspace's database (as a backup
+/// or a `sqlite3` shell would) until the connection is dropped: every
+/// lookup then waits for the busy timeout.
+pub async fn lock_sqlite(ws: &Workspace) -> sqlx::SqliteConnection {
+    use sqlx::Connection as _;
+    let url = ws.store_url();
+    let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut conn).await.unwrap();
+    sqlx::query("UPDATE integrations SET description = 'locked'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn
+}
+
 /// GETs `url` and parses its JSON body.
 pub async fn get_json(url: &str) -> Value {
     reqwest::get(url).await.unwrap().json().await.unwrap()
