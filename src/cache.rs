@@ -146,16 +146,18 @@ type Flight = Arc<OnceCell<Result<Verdict, String>>>;
 /// lookup ends, or when the last request waiting on it goes away (a client
 /// that hangs up mid-lookup must not leave an entry behind for good).
 struct Waiter<'a> {
-    map: &'a Mutex<HashMap<CacheKey, Flight>>,
+    cache: &'a KeyCache,
     key: CacheKey,
     flight: Option<Flight>,
 }
 
 impl<'a> Waiter<'a> {
-    fn join(map: &'a Mutex<HashMap<CacheKey, Flight>>, key: CacheKey) -> Self {
-        let flight = lock(map).entry(key).or_default().clone();
+    fn join(cache: &'a KeyCache, key: CacheKey) -> Self {
+        let mut map = lock(&cache.in_flight);
+        let flight = map.entry(key).or_default().clone();
+        cache.metrics.key_cache_flights.set(map.len() as i64);
         Self {
-            map,
+            cache,
             key,
             flight: Some(flight),
         }
@@ -173,11 +175,12 @@ impl Drop for Waiter<'_> {
         // Clones of a flight are made and dropped only under this lock, so
         // the count cannot change while it is held: one left means only
         // the map's own.
-        let mut map = lock(self.map);
+        let mut map = lock(&self.cache.in_flight);
         let ours = map.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &flight));
         drop(flight);
         if ours && map.get(&self.key).is_some_and(|f| Arc::strong_count(f) == 1) {
             map.remove(&self.key);
+            self.cache.metrics.key_cache_flights.set(map.len() as i64);
         }
     }
 }
@@ -240,7 +243,7 @@ impl KeyCache {
             return Ok(entry.verdict.clone());
         }
 
-        let waiter = Waiter::join(&self.in_flight, key);
+        let waiter = Waiter::join(self, key);
         let flight = waiter.flight();
         let ran_lookup = AtomicBool::new(false);
         let outcome = flight
@@ -254,6 +257,7 @@ impl KeyCache {
                 let mut in_flight = lock(&self.in_flight);
                 if in_flight.get(&key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
                     in_flight.remove(&key);
+                    self.metrics.key_cache_flights.set(in_flight.len() as i64);
                 }
                 result.map_err(|e| e.to_string())
             })
@@ -409,6 +413,7 @@ mod tests {
         // own: a caller that stayed always gets an answer.
         assert_eq!(waiting.await.unwrap().unwrap(), valid("second"));
         assert_eq!(f.cache.flights(), 0);
+        assert_eq!(f.metrics.key_cache_flights.get(), 0);
     }
 
     #[tokio::test]

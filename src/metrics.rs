@@ -3,7 +3,9 @@
 //! The first four series are the Go service's, with its names, labels and
 //! buckets, so existing dashboards and alerts keep working. The rest are new.
 
-use prometheus::{Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 /// Everything the service counts. One instance per server, registered in a
 /// registry of its own (so tests do not share counters).
@@ -34,6 +36,9 @@ pub struct Metrics {
     pub jwks_requests: IntCounter,
     /// Validation cache outcomes: hit, miss, negative_hit, stale, coalesced.
     pub key_cache: IntCounterVec,
+    /// Distinct keys being looked up right now (each shared by the
+    /// requests that wait for it).
+    pub key_cache_flights: IntGauge,
     /// Signing-key reloads, by result (success, failure).
     pub key_reloads: IntCounterVec,
 }
@@ -157,6 +162,15 @@ impl Metrics {
                 "Signing-key reloads, by result (success, failure).",
                 &["result"],
             ),
+            key_cache_flights: {
+                let g = IntGauge::new(
+                    "tokenexchange_key_cache_lookups_in_flight",
+                    "Distinct keys being looked up in the store right now.",
+                )
+                .expect("valid metric definition");
+                registry.register(Box::new(g.clone())).expect("metric registered once");
+                g
+            },
             jwks_requests,
             registry,
         }
