@@ -299,7 +299,7 @@ async fn every_hostile_request_gets_its_status_and_the_server_survives() {
 // legitimate caller is still served within 2 s.
 
 /// One attack at a time: they measure a whole process and load both cores.
-static ATTACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static ATTACK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The server under attack: the real binary on a SQLite store.
 struct Target {
@@ -452,7 +452,7 @@ async fn settles<T: PartialOrd + Copy>(at_most: T, measure: impl Fn() -> T) -> T
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_1_clients_that_hang_up_leave_no_memory_behind() {
-    let _one = ATTACK.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ATTACK.lock().await;
     // A small cache, so its (bounded) growth does not hide a leak.
     let target = Target::start(&["--key-cache-size", "1000"]);
     target.legitimate().await;
@@ -486,7 +486,7 @@ async fn attack_1_clients_that_hang_up_leave_no_memory_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_2_slow_bodies_do_not_lock_out_legitimate_callers() {
     use std::io::Write as _;
-    let _one = ATTACK.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ATTACK.lock().await;
     let target = Target::start(&[]);
     target.legitimate().await;
     // 600 connections: headers and one byte of body, then nothing.
@@ -521,7 +521,7 @@ async fn attack_2_slow_bodies_do_not_lock_out_legitimate_callers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_3_aborts_against_a_locked_store_keep_threads_and_fds_bounded() {
-    let _one = ATTACK.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ATTACK.lock().await;
     let target = Target::start(&[]);
     // The valid key is cached before the store is locked.
     target.legitimate().await;
@@ -569,7 +569,7 @@ async fn attack_3_aborts_against_a_locked_store_keep_threads_and_fds_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_4_header_floods_keep_memory_bounded() {
     use std::io::Write as _;
-    let _one = ATTACK.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ATTACK.lock().await;
     let target = Target::start(&[]);
     target.legitimate().await;
     let before = target.rss_mib();

@@ -240,3 +240,75 @@ async fn requests_beyond_max_in_flight_are_shed_with_503() {
     }
     assert_eq!(app.status("integration", &key).await, 200);
 }
+
+#[tokio::test]
+async fn a_head_over_16_kib_is_431_and_the_server_keeps_serving() {
+    let ws = Workspace::new("EdDSA");
+    let key = ws.integration_key("heads", &[]);
+    let app = app(&ws, settings(&ws)).await;
+    // Just under the limit: served.
+    let fits = format!(
+        "GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(12 * 1024)
+    );
+    let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+    conn.write_all(fits.as_bytes()).await.unwrap();
+    let response = read_response(&mut conn, Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    // Over it: 431 once 16 KiB are buffered, whatever else is still sent.
+    let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+    let head = format!(
+        "GET /health HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n",
+        "a".repeat(20 * 1024)
+    );
+    let _ = conn.write_all(head.as_bytes()).await;
+    let response = read_response(&mut conn, Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+    assert_eq!(app.status("integration", &key).await, 200);
+}
+
+#[tokio::test]
+async fn clients_that_leave_are_logged_and_counted_as_499_with_their_phase() {
+    let ws = Workspace::new("EdDSA");
+    let key = ws.integration_key("leavers", &[]);
+    let app = app(&ws, settings(&ws)).await;
+    let body = format!(r#"{{"api_key":"{key}"}}"#);
+    // One leaves while sending its body...
+    let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+    conn.write_all(post_head(body.len()).as_bytes()).await.unwrap();
+    conn.write_all(&body.as_bytes()[..3]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(conn);
+    // ...one while its key is being looked up in a locked store.
+    let lock = support::lock_sqlite(&ws).await;
+    let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+    conn.write_all(post_head(body.len()).as_bytes()).await.unwrap();
+    conn.write_all(body.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(conn);
+    let series = |text: &str, phase: &str| {
+        support::series(
+            text,
+            &format!(r#"tokenexchange_requests_cancelled_total{{phase="{phase}",route="/v0/token/integration"}}"#),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = reqwest::get(&app.metrics).await.unwrap().text().await.unwrap();
+        if series(&text, "handling") >= 1.0 || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(series(&text, "body"), 1.0, "{text}");
+    assert_eq!(series(&text, "handling"), 1.0, "{text}");
+    assert_eq!(
+        support::series(
+            &text,
+            r#"tokenexchange_http_requests_total{code="499",method="post",route="/v0/token/integration"}"#
+        ),
+        2.0
+    );
+    drop(lock);
+    assert_eq!(app.status("integration", &key).await, 200);
+}

@@ -15,6 +15,12 @@ use crate::validate::Rejection;
 /// Short: most store hiccups (a timeout, a failover) pass within a second.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
+/// The status logged for a request whose client left before the answer.
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => panic!("499 is a valid status code"),
+};
+
 /// Every way a request can fail.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -41,6 +47,9 @@ pub enum ApiError {
     BodyTimedOut,
     #[error("reading the request body failed: {0}")]
     BodyFailed(String),
+    /// The client closed the connection before sending its whole body.
+    #[error("the client went away while sending its body")]
+    ClientGone,
 }
 
 impl From<Rejection> for ApiError {
@@ -69,6 +78,9 @@ impl ApiError {
             // The client's fault, not ours: Go's text for 408.
             ApiError::BodyTimedOut => (StatusCode::REQUEST_TIMEOUT, "Request Timeout\n"),
             ApiError::BodyFailed(_) => (StatusCode::BAD_REQUEST, "Invalid request body\n"),
+            // Nobody reads it; the status is for the access log and metrics
+            // (nginx's "client closed request").
+            ApiError::ClientGone => (CLIENT_CLOSED_REQUEST, "Client Closed Request\n"),
         }
     }
 }

@@ -39,6 +39,7 @@ pub(super) async fn limits(State(state): State<AppState>, request: Request, next
     {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) if is_length_limit(&e) => return ApiError::PayloadTooLarge.into_response(),
+        Ok(Err(e)) if is_cut_short(&e) => return ApiError::ClientGone.into_response(),
         Ok(Err(e)) => return ApiError::BodyFailed(e.to_string()).into_response(),
         Err(_) => return ApiError::BodyTimedOut.into_response(),
     };
@@ -59,12 +60,20 @@ pub(super) async fn limits(State(state): State<AppState>, request: Request, next
 /// Whether reading a body failed because it passed the size limit (as
 /// axum's own body extractor tells).
 fn is_length_limit(error: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
+    causes(error).any(|e| e.is::<http_body_util::LengthLimitError>())
+}
+
+/// Whether the connection ended before the body did: the client left
+/// (hyper reports an unexpected end of file under its body error).
+fn is_cut_short(error: &axum::Error) -> bool {
+    causes(error).any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
+            || e.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_incomplete_message)
+    })
+}
+
+fn causes(error: &axum::Error) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |e| e.source())
 }

@@ -165,12 +165,21 @@ pub(super) async fn observe(State(state): State<AppState>, request: Request, nex
     let span = tracing::info_span!("request", request_id = %id_text);
     let mut response = next.run(request).instrument(span).await;
     abandoned.armed = false;
+    let phase = abandoned.progress.get();
     drop(abandoned);
     let elapsed = started.elapsed();
     let status = response.status();
 
     let metrics = &state.metrics;
     let labels = [status.as_str(), method_label(&method)];
+    // A client that left while sending its body is answered (for the log)
+    // rather than dropped; count it with the others that left.
+    if status == super::error::CLIENT_CLOSED_REQUEST {
+        metrics
+            .requests_cancelled
+            .with_label_values(&[path, phase.label()])
+            .inc();
+    }
     metrics
         .http_requests
         .with_label_values(&[path, labels[1], labels[0]])

@@ -772,6 +772,15 @@ async fn openapi_describes_exactly_what_the_router_serves() {
             &Method::POST,
             &call(&f.state, Method::POST, path, "x".repeat(MAX_BODY_BYTES + 1)).await,
         );
+        // A body that never arrives.
+        let mut impatient = f.state.clone();
+        impatient.settings.body_read_timeout = Duration::from_millis(50);
+        let (_sender, stalled) = http_body_util::channel::Channel::<axum::body::Bytes>::new(1);
+        see(
+            path,
+            &Method::POST,
+            &call(&impatient, Method::POST, path, Body::new(stalled)).await,
+        );
         f.store.down.store(true, Ordering::SeqCst);
         see(path, &Method::POST, &exchange(&f.state, path, good).await);
     }
