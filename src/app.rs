@@ -10,7 +10,41 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::http::{AppState, MAX_HEADER_BYTES, metrics_router, router};
+use arc_swap::ArcSwap;
+
+use crate::cache::KeyCache;
+use crate::http::{AppState, MAX_HEADER_BYTES, Settings, metrics_router, router};
+use crate::metrics::Metrics;
+use crate::signing::KeySet;
+use crate::store::{Bounded, Instrumented, Lookups, StoreHealth};
+use crate::validate::Validator;
+
+// The wiring of the request path lives here, with the rest of the
+// assembly, rather than in the HTTP module that only uses the result.
+impl AppState {
+    /// Wires the request path: lookups go through the validation cache, then
+    /// a layer that measures them and tells readiness the store answered.
+    pub fn new(keys: Arc<KeySet>, store: Arc<dyn Lookups>, settings: Settings) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        // A probe is one store call, which the store may retry once.
+        let probe_timeout = settings.store_timeout * 2 + Duration::from_millis(500);
+        let health = Arc::new(StoreHealth::new(store.clone(), probe_timeout, settings.readiness));
+        // Bounded inside Instrumented: time spent waiting for a store slot
+        // counts as store time, and a busy store as a store error.
+        let bounded = Arc::new(Bounded::new(store, settings.store_timeout));
+        let instrumented = Arc::new(Instrumented::new(bounded, metrics.clone(), health.clone()));
+        let cache = Arc::new(KeyCache::new(settings.cache, settings.clock.clone(), metrics.clone()));
+        Self {
+            keys: Arc::new(ArcSwap::new(keys)),
+            validator: Validator::new(instrumented.clone(), instrumented, cache),
+            clock: settings.wall_clock.clone(),
+            metrics,
+            health,
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
+            settings,
+        }
+    }
+}
 
 /// How long in-flight requests may take to finish after a stop signal.
 /// Matches the Go service; Kubernetes' default grace period is also 30 s.

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::app::ListenAddress;
 use crate::signing::Algorithm;
+use crate::store::StoreSettings;
 use crate::telemetry::LogFormat;
 
 /// Where the Go service, and so every deployment manifest, keeps the key.
@@ -110,15 +111,27 @@ pub struct StoreArgs {
 
 impl std::fmt::Debug for StoreArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let store = match crate::store::locate(self) {
-            Ok(location) => location.to_string(),
-            Err(_) => "(unrecognised)".to_owned(),
-        };
-        f.debug_struct("StoreArgs")
-            .field("store", &store)
-            .field("store_timeout", &self.store_timeout)
-            .field("store_max_connections", &self.store_max_connections)
-            .finish_non_exhaustive()
+        self.settings().fmt(f)
+    }
+}
+
+impl StoreArgs {
+    /// The store's settings these flags describe, defaults applied.
+    pub fn settings(&self) -> StoreSettings {
+        StoreSettings {
+            url: self.store_url().to_owned(),
+            project_id: self.project_id.clone(),
+            platform_ns: self.platform_ns.clone(),
+            client_integration_ns: self.client_integration_ns.clone(),
+            timeout: self.store_timeout,
+            max_connections: self.store_max_connections,
+        }
+    }
+}
+
+impl From<&StoreArgs> for StoreSettings {
+    fn from(args: &StoreArgs) -> Self {
+        args.settings()
     }
 }
 

@@ -15,7 +15,7 @@ use crate::store::{self, NewIntegrationKey, Store};
 /// command's result): with Datastore as the default, an operator must see
 /// at once whether a command reached production, the emulator or a file.
 pub(super) async fn open(args: &StoreArgs) -> anyhow::Result<std::sync::Arc<dyn Store>> {
-    let location = store::locate(args)?;
+    let location = store::locate(&args.settings())?;
     let store = store::open(args).await?;
     eprintln!("store: {location}");
     Ok(store)

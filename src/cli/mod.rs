@@ -21,7 +21,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => {
             admin::open(&args.store).await?;
             if matches!(
-                crate::store::locate(&args.store)?,
+                crate::store::locate(&args.store.settings())?,
                 crate::store::Location::Datastore { .. }
             ) {
                 eprintln!("Datastore has no schema to migrate");

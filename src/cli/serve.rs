@@ -32,7 +32,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let path = args.data_dir.join("token-exchange.db");
         store_args.store = Some(format!("sqlite:{}", path.display()));
     }
-    let location = store::locate(&store_args)?;
+    let location = store::locate(&store_args.settings())?;
     let store = store::open(&store_args).await?;
     let demo = if args.dev {
         Some(dev_demo_keys(store.as_ref(), &args.data_dir).await?)

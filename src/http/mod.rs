@@ -24,16 +24,15 @@ use axum::routing::{MethodRouter, any, get, post};
 
 pub use error::ApiError;
 pub use observe::{FailureDetail, Issued, Phase, Progress, REQUEST_ID};
-pub use ready::{FRESHNESS, PROBE_INTERVAL, ReadinessWindows, StoreHealth};
+// Readiness is the store's; re-exported where the HTTP settings use it.
+pub use crate::store::{FRESHNESS, PROBE_INTERVAL, ReadinessWindows, StoreHealth};
 pub use token::{DecodeError, decode_token_request};
 
-use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
-use crate::cache::{CacheSettings, Clock, KeyCache, SystemClock};
+use crate::cache::{CacheSettings, Clock, SystemClock};
 use crate::metrics::Metrics;
-use crate::signing::{KeySet, SharedKeys};
-use crate::store::{Bounded, Instrumented, Lookups};
+use crate::signing::SharedKeys;
 use crate::validate::Validator;
 
 /// Largest request body read. A request is `{"api_key":"..."}` with a key of
@@ -112,7 +111,8 @@ impl Default for Settings {
     }
 }
 
-/// What the handlers share.
+/// What the handlers share. Built by `AppState::new` in [`crate::app`],
+/// which wires the store, cache and validator together.
 #[derive(Clone)]
 pub struct AppState {
     /// The signing key and the JWKS, swapped whole when keys are reloaded;
@@ -129,31 +129,6 @@ pub struct AppState {
     /// Requests in flight; a permit per request.
     pub in_flight: Arc<Semaphore>,
     pub settings: Settings,
-}
-
-impl AppState {
-    /// Wires the request path: lookups go through the validation cache, then
-    /// a layer that measures them and tells readiness the store answered.
-    pub fn new(keys: Arc<KeySet>, store: Arc<dyn Lookups>, settings: Settings) -> Self {
-        let metrics = Arc::new(Metrics::new());
-        // A probe is one store call, which the store may retry once.
-        let probe_timeout = settings.store_timeout * 2 + Duration::from_millis(500);
-        let health = Arc::new(StoreHealth::new(store.clone(), probe_timeout, settings.readiness));
-        // Bounded inside Instrumented: time spent waiting for a store slot
-        // counts as store time, and a busy store as a store error.
-        let bounded = Arc::new(Bounded::new(store, settings.store_timeout));
-        let instrumented = Arc::new(Instrumented::new(bounded, metrics.clone(), health.clone()));
-        let cache = Arc::new(KeyCache::new(settings.cache, settings.clock.clone(), metrics.clone()));
-        Self {
-            keys: Arc::new(ArcSwap::new(keys)),
-            validator: Validator::new(instrumented.clone(), instrumented, cache),
-            clock: settings.wall_clock.clone(),
-            metrics,
-            health,
-            in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
-            settings,
-        }
-    }
 }
 
 /// `Allow` on a 405 from a token route, as Go's router writes it.

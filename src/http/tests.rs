@@ -18,7 +18,7 @@ use tower::ServiceExt as _;
 
 use super::*;
 use crate::api_key::{AutojoinApiKey, IntegrationApiKey};
-use crate::signing::{Algorithm, SigningKey};
+use crate::signing::{Algorithm, KeySet, SigningKey};
 use crate::store::{AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys, StoreError};
 
 /// In-memory keys, with a switch that makes every lookup fail.

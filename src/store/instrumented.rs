@@ -7,9 +7,8 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::{AutojoinKeys, IntegrationKeyRecord, IntegrationKeys, Lookups, StoreError};
+use super::{AutojoinKeys, IntegrationKeyRecord, IntegrationKeys, Lookups, StoreError, StoreHealth};
 use crate::api_key::AutojoinApiKey;
-use crate::http::StoreHealth;
 use crate::metrics::Metrics;
 
 pub struct Instrumented {

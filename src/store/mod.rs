@@ -8,6 +8,7 @@
 
 mod bounded;
 pub mod datastore;
+mod health;
 mod instrumented;
 mod sql;
 
@@ -18,10 +19,10 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::api_key::AutojoinApiKey;
-use crate::config::StoreArgs;
 
 pub use bounded::Bounded;
 pub use datastore::{DatastoreConfig, DatastoreStore};
+pub use health::{FRESHNESS, PROBE_INTERVAL, ReadinessWindows, StoreHealth};
 pub use instrumented::Instrumented;
 pub use sql::{DEFAULT_PG_CONNECTIONS, SqlStore};
 
@@ -291,13 +292,46 @@ impl std::fmt::Display for Location {
     }
 }
 
+/// Which store to open and how: built by `config` from the flags and the
+/// environment. `Debug` shows the [`Location`], never the URL, which may
+/// hold a password.
+#[derive(Clone)]
+pub struct StoreSettings {
+    /// `datastore`, `sqlite:PATH` or `postgres://USER:PASSWORD@HOST:PORT/DB`.
+    pub url: String,
+    /// Google Cloud project of the Datastore store.
+    pub project_id: String,
+    /// Datastore namespace of autojoin organizations and keys.
+    pub platform_ns: String,
+    /// Datastore namespace of client integrations and their keys.
+    pub client_integration_ns: String,
+    /// Limit on each store call.
+    pub timeout: std::time::Duration,
+    /// Most PostgreSQL connections from this process.
+    pub max_connections: u32,
+}
+
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let store = match locate(self) {
+            Ok(location) => location.to_string(),
+            Err(_) => "(unrecognised)".to_owned(),
+        };
+        f.debug_struct("StoreSettings")
+            .field("store", &store)
+            .field("timeout", &self.timeout)
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
 /// PostgreSQL's default port, used when a URL names none.
 const POSTGRES_PORT: u16 = 5432;
 
 /// Reads the `--store` setting: `datastore`, `sqlite:PATH` or
 /// `postgres://...`.
-pub fn locate(args: &StoreArgs) -> Result<Location, StoreError> {
-    let store = args.store_url();
+pub fn locate(settings: &StoreSettings) -> Result<Location, StoreError> {
+    let store = settings.url.as_str();
     if let Some(path) = store.strip_prefix("sqlite:") {
         let path = path.strip_prefix("//").unwrap_or(path);
         if path.is_empty() {
@@ -332,9 +366,9 @@ pub fn locate(args: &StoreArgs) -> Result<Location, StoreError> {
     }
     if store == "datastore" {
         return Ok(Location::Datastore {
-            project: args.project_id.clone(),
-            client_integration_ns: args.client_integration_ns.clone(),
-            platform_ns: args.platform_ns.clone(),
+            project: settings.project_id.clone(),
+            client_integration_ns: settings.client_integration_ns.clone(),
+            platform_ns: settings.platform_ns.clone(),
             emulator: std::env::var("DATASTORE_EMULATOR_HOST").ok().filter(|h| !h.is_empty()),
         });
     }
@@ -348,11 +382,12 @@ pub fn locate(args: &StoreArgs) -> Result<Location, StoreError> {
 /// Opens the store named by `--store` (see [`locate`]). SQL stores have
 /// their schema brought up to date (a SQLite file is created on first
 /// use); Datastore must have credentials to be had.
-pub async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, StoreError> {
-    match locate(args)? {
-        Location::Sqlite { path } => Ok(Arc::new(SqlStore::open_sqlite(&path, args.store_timeout).await?)),
+pub async fn open(settings: impl Into<StoreSettings>) -> Result<Arc<dyn Store>, StoreError> {
+    let settings = settings.into();
+    match locate(&settings)? {
+        Location::Sqlite { path } => Ok(Arc::new(SqlStore::open_sqlite(&path, settings.timeout).await?)),
         Location::Postgres { .. } => Ok(Arc::new(
-            SqlStore::open_postgres(args.store_url(), args.store_timeout, args.store_max_connections).await?,
+            SqlStore::open_postgres(&settings.url, settings.timeout, settings.max_connections).await?,
         )),
         Location::Datastore {
             project,
@@ -364,7 +399,7 @@ pub async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, StoreError> {
                 project_id: project,
                 platform_ns,
                 client_integration_ns,
-                timeout: args.store_timeout,
+                timeout: settings.timeout,
                 emulator_host: emulator,
             })?;
             store.check_credentials().await?;
@@ -377,14 +412,14 @@ pub async fn open(args: &StoreArgs) -> Result<Arc<dyn Store>, StoreError> {
 mod location_tests {
     use super::*;
 
-    fn args(store: &str) -> StoreArgs {
-        StoreArgs {
-            store: Some(store.to_owned()),
+    fn args(store: &str) -> StoreSettings {
+        StoreSettings {
+            url: store.to_owned(),
             project_id: "p".into(),
             platform_ns: "platform-credentials".into(),
             client_integration_ns: "client-integration".into(),
-            store_timeout: std::time::Duration::from_secs(1),
-            store_max_connections: 1,
+            timeout: std::time::Duration::from_secs(1),
+            max_connections: 1,
         }
     }
 
