@@ -7,21 +7,29 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: command-line flags and their environment variables.
-//! - [`app`]: assembles store, signer and router; runs until shutdown.
-//! - [`api_key`]: API key formats: parse, generate, hash, verify.
+//! Dependencies point one way, from the top floor down; `scripts/check-layers`
+//! (run by `scripts/test`) fails on a cycle and on any module below `cli` and
+//! `app` that uses `config`.
+//!
+//! - [`cli`]: the admin subcommands and `serve` (top floor, with `main`).
+//! - [`config`]: command-line flags and their environment variables, turned
+//!   into each module's own settings ([`store::StoreSettings`],
+//!   [`cache::CacheSettings`], [`http::Settings`]).
+//! - [`app`]: wiring (store, cache, validator, state) and the listeners;
+//!   runs until shutdown with bounded connections.
+//! - [`http`]: the router, one file per endpoint, the one place that maps
+//!   errors to status codes, and the one layer that logs and measures.
+//! - [`rotation`]: reloading the signing keys on SIGHUP or file change.
 //! - [`validate`]: turns a presented key into a [`claims::Principal`] or a refusal.
 //! - [`cache`]: the validation cache in front of the store (TTLs, single flight, stale-if-error).
+//! - [`store`]: the store traits, their backends (SQL, Datastore), readiness,
+//!   and the layers the request path puts over them (bounded, instrumented).
+//! - [`signing`]: JWK parsing and checks (`jwk`), the signing key (`key`), the
+//!   published set (`key_set`), key generation and files (`generate`).
 //! - [`claims`]: the two token shapes, their audiences and lifetimes.
-//! - [`signing`]: JWK loading, JWS signing, the public JWKS, key generation.
-//! - [`rotation`]: reloading the signing keys on SIGHUP or file change.
-//! - [`http`]: the router, one file per endpoint, and the one place that maps
-//!   errors to status codes.
-//! - [`store`]: the store traits and their backends.
-//! - [`metrics`]: the Prometheus series (the Go service's, and ours).
-//! - [`telemetry`]: log format and level.
-//! - [`json`]: JSON error text that is safe to log.
-//! - [`cli`]: the admin subcommands and `serve`.
+//! - [`api_key`]: API key formats: parse, generate, hash, verify.
+//! - [`metrics`], [`telemetry`], [`json`]: the Prometheus series, log
+//!   format and level, JSON error text that is safe to log (ground floor).
 
 pub mod api_key;
 pub mod app;

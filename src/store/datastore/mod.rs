@@ -85,7 +85,7 @@ impl DatastoreStore {
     }
 
     /// Fails at once when no credentials can be had (see
-    /// [`Client::check_credentials`]); an unreachable Datastore is not
+    /// `Client::check_credentials`); an unreachable Datastore is not
     /// checked here, since it may come back.
     pub async fn check_credentials(&self) -> Result<(), StoreError> {
         self.client
