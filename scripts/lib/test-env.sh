@@ -10,12 +10,59 @@
 #     interop/requirements.txt in a virtual environment (target/interop-venv)
 #     and interop/package-lock.json in interop/node_modules; the pinned
 #     Dockerfile linter (scripts/requirements-tools.txt) in the same venv;
-#   - the release binary and, as root, the container's runtime file system
-#     (scripts/runtime-rootfs into target/runtime-rootfs; RUNTIME_ROOTFS is
-#     exported) for tests/runtime_image.rs.
+#   - the release binary, built as the Dockerfile builds it (cargo auditable)
+#     and, as root, the container's runtime file system (scripts/runtime-rootfs
+#     into target/runtime-rootfs; RUNTIME_ROOTFS is exported) for
+#     tests/runtime_image.rs;
+#   - the pinned cargo subcommands (cargo-auditable, cargo-deny,
+#     cargo-llvm-cov) and Debian's llvm-19, which reads the coverage profiles
+#     (this toolchain has no llvm-tools component).
 # Set SKIP_EMULATOR=1 or SKIP_POSTGRES=1 to run without one (its tests then skip).
 
 log() { printf '== %s\n' "$*"; }
+
+# Pinned versions of the cargo subcommands the scripts use.
+CARGO_AUDITABLE_VERSION=0.7.7
+CARGO_DENY_VERSION=0.20.2
+CARGO_LLVM_COV_VERSION=0.9.1
+
+# Coverage floors (scripts/test fails below them): percent of lines, in total
+# and in every file. Test code and benchmarks are not counted.
+COVERAGE_TOTAL_FLOOR=93
+COVERAGE_FILE_FLOOR=90
+COVERAGE_IGNORE='/(tests|benches)/|src/http/tests\.rs'
+
+# Installs a cargo subcommand at the pinned version unless it is there.
+ensure_cargo_tool() {
+    local crate=$1 version=$2
+    if ! cargo install --list | grep -qxF "$crate v$version:"; then
+        log "installing $crate $version"
+        cargo install --locked --quiet --version "$version" "$crate"
+    fi
+}
+
+# From here on, cargo builds our crates instrumented for coverage (in the
+# usual target folder; dependencies are not instrumented) and every test
+# process writes a profile; coverage_report reads them.
+enter_coverage_env() {
+    if [[ ! -x /usr/lib/llvm-19/bin/llvm-cov ]]; then
+        log "installing llvm-19 (Debian) for llvm-cov and llvm-profdata"
+        apt-get update -qq && apt-get install -y -qq llvm-19 >/dev/null
+    fi
+    export LLVM_COV=/usr/lib/llvm-19/bin/llvm-cov
+    export LLVM_PROFDATA=/usr/lib/llvm-19/bin/llvm-profdata
+    ensure_cargo_tool cargo-llvm-cov "$CARGO_LLVM_COV_VERSION"
+    # Old profiles would be counted with the new ones.
+    cargo llvm-cov clean --workspace --profraw-only
+    source <(cargo llvm-cov show-env --sh 2>/dev/null)
+}
+
+# The per-file table and the total; fails below the floors.
+coverage_report() {
+    cargo llvm-cov report --ignore-filename-regex "$COVERAGE_IGNORE" \
+        --fail-under-lines "$COVERAGE_TOTAL_FLOOR" \
+        --fail-under-file-lines "$COVERAGE_FILE_FLOOR"
+}
 
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -115,13 +162,18 @@ install_verifiers() {
     export INTEROP_PYTHON="$PWD/target/interop-venv/bin/python"
 }
 
+# The binary the Dockerfile builds, run by tests/runtime_image.rs in the
+# runtime base's file system. Call before enter_coverage_env: what ships is
+# not instrumented.
+build_release() {
+    ensure_cargo_tool cargo-auditable "$CARGO_AUDITABLE_VERSION"
+    log "cargo auditable build --release"
+    cargo auditable build --release --locked
+}
+
 # Everything the test binaries need at run time; call after building them.
 prepare_test_environment() {
     install_verifiers
-    # The binary the Dockerfile builds (cargo build --release --locked), run by
-    # tests/runtime_image.rs in the runtime base's file system.
-    log "cargo build --release"
-    cargo build --release --locked
     if [[ $(id -u) == 0 ]]; then
         log "building the runtime base's file system (libc6, libgcc-s1, ca-certificates)"
         scripts/runtime-rootfs target/runtime-rootfs
@@ -139,4 +191,27 @@ prepare_test_environment() {
     # Nothing may reach Google's metadata server: a credential lookup in any
     # test fails at once on this closed loopback port (tests set it too).
     export GCE_METADATA_HOST=127.0.0.1:1
+}
+
+# Every test, instrumented, against the real stores, then the coverage table
+# with its floors: the second half of scripts/test, and all of scripts/coverage.
+run_suite_with_coverage() {
+    build_release
+    enter_coverage_env
+    # Build before starting services, so they are not kept waiting.
+    log "cargo build (tests, instrumented for coverage)"
+    cargo test --locked --all-targets --no-run
+
+    prepare_test_environment
+
+    log "hadolint (Dockerfiles)"
+    target/interop-venv/bin/hadolint Dockerfile deploy/cloudrun/otel-collector/Dockerfile
+
+    log "cargo test"
+    cargo test --locked --all-targets
+    # Doc tests are not part of --all-targets.
+    cargo test --locked --doc
+
+    log "coverage (floors: ${COVERAGE_TOTAL_FLOOR} % of lines in total, ${COVERAGE_FILE_FLOOR} % in every file)"
+    coverage_report
 }
