@@ -175,7 +175,8 @@ fn the_dockerfile_builds_the_release_binary_onto_a_glibc_distroless_base() {
         from[0]
     );
     assert!(from[1].starts_with("FROM gcr.io/distroless/cc-debian12"), "{}", from[1]);
-    assert!(docker.contains("cargo build --release --locked"));
+    // With the dependency list embedded for scanners (cargo auditable).
+    assert!(docker.contains("cargo auditable build --release --locked"));
     assert!(docker.contains(r#"ENTRYPOINT ["/token-exchange"]"#));
     assert!(docker.lines().any(|l| l == "EXPOSE 8080 9990"));
     assert!(docker.lines().any(|l| l == "USER 65532:65532"));
