@@ -306,3 +306,41 @@ async fn received(signal: Option<&mut tokio::signal::unix::Signal>) {
         None => std::future::pending::<()>().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ListenAddress;
+
+    #[test]
+    fn listen_addresses_parse_and_print_as_go_writes_them() {
+        for (text, parsed) in [
+            (":9990", ListenAddress::Everywhere(9990)),
+            ("127.0.0.1:80", ListenAddress::Exact("127.0.0.1:80".into())),
+            ("[::1]:0", ListenAddress::Exact("[::1]:0".into())),
+            ("localhost:8080", ListenAddress::Exact("localhost:8080".into())),
+        ] {
+            let got = ListenAddress::parse(text).unwrap();
+            assert_eq!(got, parsed);
+            assert_eq!(got.to_string(), text);
+        }
+        for bad in ["9990", ":http", ":65536", "host:-1", ""] {
+            let err = ListenAddress::parse(bad).unwrap_err();
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    /// Only a missing IPv6 falls back to IPv4: a port already taken is an
+    /// error, not a silent listener on half the addresses.
+    #[tokio::test]
+    async fn a_taken_port_is_an_error_not_a_fallback() {
+        let first = ListenAddress::Everywhere(0).bind().await.unwrap();
+        let port = first.local_addr().unwrap().port();
+        let err = ListenAddress::Everywhere(port).bind().await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        let err = ListenAddress::Exact(format!("127.0.0.1:{port}"))
+            .bind()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    }
+}

@@ -361,3 +361,210 @@ async fn serve_survives_a_closed_log_pipe() {
     signal(&child, "TERM");
     assert_eq!(wait_exit(&mut child).code(), Some(0));
 }
+
+/// Runs an admin command on `ws` in its text form; returns (success, stdout, stderr).
+fn text(ws: &Workspace, args: &[&str]) -> (bool, String, String) {
+    let out = ws.admin(args);
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Every admin command's human-readable form, on an empty store and a full
+/// one, and each command that names something missing: it fails, says what
+/// is missing, and prints nothing on stdout.
+#[test]
+fn admin_commands_in_text_form() {
+    let ws = Workspace::new("EdDSA");
+    assert_eq!(text(&ws, &["integration", "list"]).1, "No integrations.\n");
+    assert_eq!(text(&ws, &["autojoin", "list-orgs"]).1, "No organizations.\n");
+
+    ws.admin_json(&[
+        "integration",
+        "create",
+        "--integration-id",
+        "acme",
+        "--key-id",
+        "ki_one",
+        "--tier",
+        "2",
+        "--integration-description",
+        "Acme's backend",
+    ]);
+    let (ok, out, _) = text(&ws, &["integration", "list"]);
+    assert!(ok);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("INTEGRATION  CREATED"), "{out}");
+    assert!(
+        lines[1].starts_with("acme ") && lines[1].ends_with("Acme's backend"),
+        "{out}"
+    );
+
+    let (ok, out, _) = text(&ws, &["integration", "show", "--integration-id", "acme"]);
+    assert!(ok);
+    let row = out.lines().nth(1).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cells[..3], ["ki_one", "active", "2"], "{out}");
+
+    let (_, out, _) = text(
+        &ws,
+        &[
+            "key",
+            "set-tier",
+            "--integration-id",
+            "acme",
+            "--key-id",
+            "ki_one",
+            "--tier",
+            "0",
+        ],
+    );
+    assert_eq!(out, "Key ki_one of integration acme now has tier 0.\n");
+    let (_, out, _) = text(
+        &ws,
+        &["key", "revoke", "--integration-id", "acme", "--key-id", "ki_one"],
+    );
+    assert!(
+        out.starts_with("Key ki_one of integration acme is now revoked.\n"),
+        "{out}"
+    );
+    assert!(out.contains("--key-cache-ttl"), "the revocation lag is named: {out}");
+    let (_, out, _) = text(
+        &ws,
+        &["key", "activate", "--integration-id", "acme", "--key-id", "ki_one"],
+    );
+    assert_eq!(out, "Key ki_one of integration acme is now active.\n");
+
+    let (ok, out, _) = text(
+        &ws,
+        &["key", "rotate", "--integration-id", "acme", "--key-id", "ki_one"],
+    );
+    assert!(ok);
+    assert!(out.contains("(tier 0) to replace ki_one of integration acme"), "{out}");
+    assert!(out.contains("ki_one stays active until you revoke it."), "{out}");
+    let api_key = out.lines().last().unwrap();
+    assert!(api_key.starts_with("mlabk.cii_acme.ki_"), "{out}");
+    let new_id = api_key.split('.').nth(2).unwrap();
+    let (_, out, _) = text(&ws, &["integration", "show", "--integration-id", "acme"]);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert!(out.contains(new_id) && !out.contains(api_key), "{out}");
+
+    let (_, out, _) = text(
+        &ws,
+        &["key", "delete", "--integration-id", "acme", "--key-id", "ki_one"],
+    );
+    assert_eq!(out, "Deleted key ki_one of integration acme.\n");
+    let (_, out, _) = text(&ws, &["integration", "delete", "--integration-id", "acme"]);
+    assert_eq!(out, "Deleted integration acme and its 1 key(s).\n");
+    ws.admin_json(&["integration", "create", "--integration-id", "empty"]);
+    let key_id = ws.admin_json(&["integration", "show", "--integration-id", "empty"])["keys"][0]["key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    text(
+        &ws,
+        &["key", "delete", "--integration-id", "empty", "--key-id", &key_id],
+    );
+    let (_, out, _) = text(&ws, &["integration", "show", "--integration-id", "empty"]);
+    assert_eq!(out, "Integration empty has no keys.\n");
+
+    // Missing things: a non-zero exit, the name in the message, no stdout.
+    for args in [
+        &["integration", "delete", "--integration-id", "nope"][..],
+        &["key", "revoke", "--integration-id", "empty", "--key-id", "ki_nope"],
+        &[
+            "key",
+            "set-tier",
+            "--integration-id",
+            "nope",
+            "--key-id",
+            "ki_x",
+            "--tier",
+            "1",
+        ],
+        &["key", "delete", "--integration-id", "empty", "--key-id", "ki_nope"],
+        &["key", "rotate", "--integration-id", "empty", "--key-id", "ki_nope"],
+        &["autojoin", "delete-org", "--org", "nope"],
+        &["autojoin", "list-keys", "--org", "nope"],
+        &["autojoin", "delete-key", "--org", "nope", "--fingerprint", "abcdef01"],
+    ] {
+        let (ok, out, err) = text(&ws, args);
+        assert!(!ok, "{args:?} succeeded: {out}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        assert!(err.contains("nope") || err.contains("ki_nope"), "{args:?}: {err}");
+    }
+
+    ws.autojoin_key("mlab");
+    let (_, out, _) = text(&ws, &["autojoin", "list-orgs"]);
+    let row = out.lines().nth(1).unwrap();
+    assert!(row.starts_with("mlab ") && row.contains("ops@example.org"), "{out}");
+    let (_, out, _) = text(&ws, &["autojoin", "list-keys", "--org", "mlab"]);
+    assert!(out.starts_with("FINGERPRINT"), "{out}");
+    let fingerprint = out
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let (_, out, _) = text(
+        &ws,
+        &["autojoin", "delete-key", "--org", "mlab", "--fingerprint", &fingerprint],
+    );
+    assert_eq!(out, format!("Deleted the key {fingerprint} of organization mlab.\n"));
+    let (_, out, _) = text(&ws, &["autojoin", "list-keys", "--org", "mlab"]);
+    assert_eq!(out, "Organization mlab has no keys.\n");
+    ws.admin_json(&["autojoin", "create-key", "--org", "mlab"]);
+    let (_, out, _) = text(&ws, &["autojoin", "delete-org", "--org", "mlab"]);
+    assert_eq!(out, "Deleted organization mlab and its 1 key(s).\n");
+}
+
+/// `serve --dev` on a store that already has keys and with a key file of
+/// one's own: it uses both as they are (no demo keys, no generated key) and
+/// says how to make a key instead of printing a demo one.
+#[tokio::test]
+async fn serve_dev_uses_an_existing_store_and_key_as_they_are() {
+    let ws = Workspace::new("EdDSA");
+    ws.integration_key("existing", &[]);
+    let data_dir = ws.path().join("dev-data");
+    let mut child = command()
+        .args([
+            "serve",
+            "--dev",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--store",
+            ws.store_url(),
+        ])
+        .args(["--private-key-path", ws.key_path.to_str().unwrap()])
+        .args(["--data-dir", data_dir.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = lines(child.stdout.take().unwrap());
+    let stderr = lines(child.stderr.take().unwrap());
+    let addr = listening_addr(&stderr);
+    let hint = wait_for(&stdout, "token-exchange integration create");
+    assert!(hint.contains("--integration-id demo"), "{hint}");
+    let jwks: Value = reqwest::get(format!("http://{addr}/.well-known/jwks.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        jwks["keys"][0]["alg"], "EdDSA",
+        "the configured key, not a generated RS256 one"
+    );
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child).code(), Some(0));
+    assert!(!data_dir.join("jwk-priv.json").exists());
+    assert!(!data_dir.join("demo-integration-key").exists());
+}

@@ -112,6 +112,8 @@ mod tests {
         most: AtomicUsize,
         finished: AtomicUsize,
         release: tokio::sync::Notify,
+        /// `ping` panics (a bug in a backend).
+        panics: bool,
     }
 
     #[async_trait]
@@ -128,8 +130,8 @@ mod tests {
 
     #[async_trait]
     impl AutojoinKeys for Slow {
-        async fn autojoin_org(&self, _: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
-            Ok(None)
+        async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
+            Ok(Some(format!("org of {}", key.fingerprint())))
         }
     }
 
@@ -139,6 +141,7 @@ mod tests {
             "slow"
         }
         async fn ping(&self) -> Result<(), StoreError> {
+            assert!(!self.panics, "a backend bug");
             Ok(())
         }
         fn capacity(&self) -> usize {
@@ -171,6 +174,26 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(slow.finished.load(Ordering::SeqCst), 3);
+        assert_eq!(bounded.permits.available_permits(), 3);
+    }
+
+    #[tokio::test]
+    async fn every_call_reaches_the_store_and_a_panic_is_a_store_error() {
+        let bounded = Bounded::new(Arc::new(Slow::default()), Duration::from_millis(50));
+        assert_eq!((bounded.backend(), bounded.capacity()), ("slow", 3));
+        bounded.ping().await.unwrap();
+        let key = AutojoinApiKey::generate();
+        let org = bounded.autojoin_org(&key).await.unwrap();
+        assert_eq!(org, Some(format!("org of {}", key.fingerprint())));
+
+        let panics = Arc::new(Slow {
+            panics: true,
+            ..Slow::default()
+        });
+        let bounded = Bounded::new(panics, Duration::from_millis(50));
+        let err = bounded.ping().await.unwrap_err();
+        assert!(matches!(err, StoreError::Backend(_)), "{err}");
+        // The permit came back with the panicked task.
         assert_eq!(bounded.permits.available_permits(), 3);
     }
 }

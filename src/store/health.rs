@@ -101,3 +101,90 @@ impl StoreHealth {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::store::StoreError;
+
+    /// A store whose ping takes `delay` and then answers, or fails if `down`.
+    struct Pinged {
+        pings: AtomicUsize,
+        delay: Duration,
+        down: bool,
+    }
+
+    #[async_trait]
+    impl Backend for Pinged {
+        fn backend(&self) -> &'static str {
+            "pinged"
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.pings.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            if self.down {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            Ok(())
+        }
+        fn capacity(&self) -> usize {
+            1
+        }
+    }
+
+    fn health(delay: Duration, down: bool) -> (Arc<Pinged>, Arc<StoreHealth>) {
+        let store = Arc::new(Pinged {
+            pings: AtomicUsize::new(0),
+            delay,
+            down,
+        });
+        let windows = ReadinessWindows {
+            freshness: Duration::from_secs(60),
+            probe_interval: Duration::from_millis(200),
+        };
+        let health = Arc::new(StoreHealth::new(store.clone(), Duration::from_millis(100), windows));
+        (store, health)
+    }
+
+    #[tokio::test]
+    async fn concurrent_checks_share_one_probe() {
+        let (store, health) = health(Duration::from_millis(30), false);
+        let checks: Vec<_> = (0..10)
+            .map(|_| {
+                let health = health.clone();
+                tokio::spawn(async move { health.is_ready().await })
+            })
+            .collect();
+        for check in checks {
+            assert!(check.await.unwrap());
+        }
+        assert_eq!(store.pings.load(Ordering::SeqCst), 1);
+        // Fresh: no probe at all.
+        assert!(health.is_ready().await);
+        assert_eq!(store.pings.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_slow_or_failing_store_is_not_ready_and_is_probed_at_most_once_per_interval() {
+        for (delay, down) in [(Duration::from_secs(5), false), (Duration::ZERO, true)] {
+            let (store, health) = health(delay, down);
+            let started = Instant::now();
+            assert!(!health.is_ready().await);
+            assert!(started.elapsed() < Duration::from_secs(2), "the probe is bounded");
+            // Asked again within the probe interval: the same verdict, no probe.
+            assert!(!health.is_ready().await);
+            assert_eq!(store.pings.load(Ordering::SeqCst), 1);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            assert!(!health.is_ready().await);
+            assert_eq!(store.pings.load(Ordering::SeqCst), 2);
+            // A lookup that got an answer makes the replica ready at once.
+            health.answered();
+            assert!(health.is_ready().await);
+            assert_eq!(store.pings.load(Ordering::SeqCst), 2);
+        }
+    }
+}

@@ -730,4 +730,104 @@ mod tests {
         let s = SqlStore::open_sqlite(&path, Duration::from_secs(2)).await.unwrap();
         assert!(s.integration_key("acme", k.key_id()).await.unwrap().is_some());
     }
+
+    /// A database error with only a code, as the drivers report them.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    /// Which failures callers see as an outage (503, retried, stale-if-error)
+    /// and which as a fault of ours (500, not retried).
+    #[test]
+    fn outages_are_told_apart_from_faults() {
+        let unavailable = |e: sqlx::Error| matches!(classify(e), StoreError::Unavailable(_));
+        assert!(unavailable(sqlx::Error::PoolTimedOut));
+        assert!(unavailable(sqlx::Error::PoolClosed));
+        assert!(unavailable(sqlx::Error::Io(
+            std::io::ErrorKind::ConnectionRefused.into()
+        )));
+        // SQLite busy / locked; PostgreSQL connection loss, shutdown,
+        // statement timeout, too many connections, serialization, deadlock.
+        for code in [
+            "5", "6", "08006", "08001", "57P01", "57P03", "57014", "53300", "40001", "40P01",
+        ] {
+            assert!(unavailable(sqlx::Error::Database(Box::new(Coded(code)))), "{code}");
+        }
+        // Constraint violations, syntax errors, a missing table, and
+        // everything that is not the database's answer.
+        for code in ["23505", "42601", "42P01", "1", "19"] {
+            assert!(!unavailable(sqlx::Error::Database(Box::new(Coded(code)))), "{code}");
+        }
+        assert!(!unavailable(sqlx::Error::RowNotFound));
+        assert!(!unavailable(sqlx::Error::Protocol("bad message".into())));
+    }
+
+    #[test]
+    fn passwords_are_redacted_from_error_texts() {
+        let url = "postgres://app:s3cret-pw@db.example:5432/keys";
+        assert_eq!(
+            redact("cannot reach postgres://app:s3cret-pw@db.example", url),
+            "cannot reach postgres://app:<redacted>@db.example"
+        );
+        assert_eq!(redact("no password here", "postgres://app@db/keys"), "no password here");
+        assert_eq!(redact("not a url", "::"), "not a url");
+    }
+
+    #[tokio::test]
+    async fn opening_fails_with_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-folder/t.db");
+        let err = SqlStore::open_sqlite(&missing, Duration::from_secs(1))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, StoreError::Unavailable(m) if m.contains("cannot create")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("no-such-folder"), "{err}");
+
+        for url in [
+            "postgres://app:pw-123@db:notaport/keys",
+            "postgres://app:pw-123@db:5432/keys?sslmode=sometimes",
+        ] {
+            let err = SqlStore::open_postgres(url, Duration::from_secs(1), 1)
+                .await
+                .err()
+                .unwrap();
+            assert!(
+                matches!(&err, StoreError::Config(m) if m.contains("not a PostgreSQL URL")),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("pw-123"), "{err}");
+        }
+    }
 }

@@ -314,3 +314,211 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use axum::body::Bytes;
+    use axum::http::{StatusCode, Uri};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// What the fake Datastore answers, in order, and what it was asked.
+    #[derive(Default)]
+    struct Script {
+        answers: VecDeque<(u16, String, Duration)>,
+        asked: Vec<(String, Value)>,
+    }
+
+    /// A loopback HTTP server playing Datastore from a script; returns a
+    /// client of it (through the emulator setting, so without credentials).
+    async fn fake(answers: &[(u16, &str)], timeout: Duration) -> (Client, Arc<Mutex<Script>>) {
+        let script = Arc::new(Mutex::new(Script {
+            answers: answers
+                .iter()
+                .map(|(s, b)| (*s, (*b).to_owned(), Duration::ZERO))
+                .collect(),
+            asked: Vec::new(),
+        }));
+        let shared = script.clone();
+        let app = axum::Router::new().fallback(move |uri: Uri, body: Bytes| {
+            let script = shared.clone();
+            async move {
+                let (status, body, delay) = {
+                    let mut s = script.lock().unwrap();
+                    let asked = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    s.asked.push((uri.path().to_owned(), asked));
+                    s.answers.pop_front().expect("asked more often than scripted")
+                };
+                tokio::time::sleep(delay).await;
+                (StatusCode::from_u16(status).unwrap(), body)
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        // The scheme and a trailing slash are accepted, as Google's clients do.
+        let client = Client::new("proj", timeout, Some(&format!("http://{addr}/"))).unwrap();
+        (client, script)
+    }
+
+    fn key() -> Key {
+        serde_json::from_value(json!({
+            "partitionId": {"projectId": "proj"},
+            "path": [{"kind": "K", "name": "n"}],
+        }))
+        .unwrap()
+    }
+
+    fn error(status: &str) -> String {
+        json!({"error": {"status": status, "message": "m"}}).to_string()
+    }
+
+    #[tokio::test]
+    async fn answers_are_sorted_into_transient_and_permanent() {
+        let cases = [
+            (409, error("ALREADY_EXISTS"), "AlreadyExists"),
+            (409, error("ABORTED"), "Aborted"),
+            (503, error("UNAVAILABLE"), "Transient"),
+            (504, error("DEADLINE_EXCEEDED"), "Transient"),
+            (429, error("RESOURCE_EXHAUSTED"), "Transient"),
+            (500, "<html>oops</html>".to_owned(), "Transient"),
+            (502, String::new(), "Transient"),
+            (400, error("INVALID_ARGUMENT"), "Permanent"),
+            (403, error("PERMISSION_DENIED"), "Permanent"),
+            (404, "not json".to_owned(), "Permanent"),
+        ];
+        let answers: Vec<(u16, &str)> = cases.iter().map(|(s, b, _)| (*s, b.as_str())).collect();
+        let (client, script) = fake(&answers, Duration::from_secs(2)).await;
+        for (status, _, expected) in &cases {
+            // A commit is not retried: one call, one answer.
+            let err = client.commit(None, vec![]).await.unwrap_err();
+            let kind = match &err {
+                CallError::Transient(_) => "Transient",
+                CallError::Aborted(_) => "Aborted",
+                CallError::AlreadyExists(_) => "AlreadyExists",
+                CallError::Permanent(_) => "Permanent",
+            };
+            assert_eq!(kind, *expected, "HTTP {status}: {err}");
+            assert!(err.to_string().contains(&format!("commit: HTTP {status}")), "{err}");
+        }
+        let s = script.lock().unwrap();
+        assert_eq!(s.asked.len(), cases.len());
+        assert_eq!(s.asked[0].0, "/v1/projects/proj:commit");
+        assert_eq!(s.asked[0].1, json!({"mode": "NON_TRANSACTIONAL", "mutations": []}));
+    }
+
+    #[tokio::test]
+    async fn reads_are_retried_once_and_writes_never() {
+        let found = r#"{"found": [], "missing": []}"#;
+        let (client, script) = fake(
+            &[(503, ""), (200, found), (503, ""), (500, ""), (503, "")],
+            Duration::from_secs(2),
+        )
+        .await;
+        client.lookup(&[key()], None).await.unwrap();
+        assert_eq!(script.lock().unwrap().asked.len(), 2);
+        let err = client.lookup(&[key()], None).await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert_eq!(script.lock().unwrap().asked.len(), 4, "exactly one retry");
+        // Inside a transaction a read is not retried (the transaction is).
+        assert!(client.lookup(&[key()], Some("tx")).await.is_err());
+        let s = script.lock().unwrap();
+        assert_eq!(s.asked.len(), 5);
+        assert_eq!(s.asked[4].1["readOptions"], json!({"transaction": "tx"}));
+    }
+
+    #[tokio::test]
+    async fn malformed_or_incomplete_answers_are_errors_that_quote_no_data() {
+        let (client, _) = fake(
+            &[
+                (200, r#"{"found": [{"entity": "secret-value-123"}]}"#),
+                (200, "{"),
+                (
+                    200,
+                    r#"{"deferred": [{"partitionId": {"projectId": "proj"}, "path": []}]}"#,
+                ),
+                (200, r#"{"transaction": 5}"#),
+            ],
+            Duration::from_secs(2),
+        )
+        .await;
+        let err = client.lookup(&[key()], Some("tx")).await.unwrap_err();
+        assert!(matches!(err, CallError::Permanent(_)), "{err}");
+        assert!(err.to_string().contains("lookup: unexpected answer"), "{err}");
+        assert!(!err.to_string().contains("secret-value-123"), "{err}");
+        let err = client.lookup(&[key()], Some("tx")).await.unwrap_err();
+        assert!(matches!(err, CallError::Permanent(_)), "{err}");
+        // Deferred keys would silently read as missing: an outage instead.
+        let err = client.lookup(&[key()], Some("tx")).await.unwrap_err();
+        assert!(
+            matches!(&err, CallError::Transient(m) if m.contains("deferred")),
+            "{err}"
+        );
+        let err = client.begin_transaction().await.unwrap_err();
+        assert!(matches!(err, CallError::Permanent(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn queries_follow_cursors_to_the_end() {
+        let entity = |n: &str| json!({"entity": {"key": {"partitionId": {"projectId": "proj"}, "path": [{"kind": "K", "name": n}]}}});
+        let page = |names: &[&str], more: &str, cursor: Option<&str>| {
+            json!({"batch": {
+                "entityResults": names.iter().map(|n| entity(n)).collect::<Vec<_>>(),
+                "moreResults": more,
+                "endCursor": cursor,
+            }})
+            .to_string()
+        };
+        let pages = [
+            page(&["a", "b"], "NOT_FINISHED", Some("c1")),
+            page(&["c"], "MORE_RESULTS_AFTER_CURSOR", Some("c2")),
+            // An empty page that still says "more" ends the walk.
+            page(&[], "NOT_FINISHED", Some("c3")),
+        ];
+        let answers: Vec<(u16, &str)> = pages.iter().map(|p| (200, p.as_str())).collect();
+        let (client, script) = fake(&answers, Duration::from_secs(2)).await;
+        let partition = PartitionId {
+            project_id: "proj".into(),
+            namespace_id: "ns".into(),
+        };
+        let query = json!({"kind": [{"name": "K"}]});
+        let entities = client.run_query_all(&partition, query, None).await.unwrap();
+        let names: Vec<_> = entities.iter().map(|e| e.key.path[0].name.clone().unwrap()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        let s = script.lock().unwrap();
+        let cursors: Vec<&Value> = s.asked.iter().map(|(_, q)| &q["query"]["startCursor"]).collect();
+        assert_eq!(cursors, [&Value::Null, &json!("c1"), &json!("c2")]);
+        assert_eq!(
+            s.asked[0].1["partitionId"],
+            json!({"projectId": "proj", "namespaceId": "ns"})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_answer_is_a_transient_timeout_and_a_failed_rollback_is_only_logged() {
+        let (client, script) = fake(&[], Duration::from_millis(200)).await;
+        script
+            .lock()
+            .unwrap()
+            .answers
+            .push_back((200, "{}".into(), Duration::from_secs(5)));
+        script
+            .lock()
+            .unwrap()
+            .answers
+            .push_back((500, String::new(), Duration::ZERO));
+        let started = std::time::Instant::now();
+        let err = client.commit(Some("tx"), vec![]).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            matches!(&err, CallError::Transient(m) if m.contains("timed out")),
+            "{err}"
+        );
+        client.rollback("tx").await;
+        assert_eq!(script.lock().unwrap().asked[1].1, json!({"transaction": "tx"}));
+    }
+}
