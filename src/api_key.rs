@@ -455,6 +455,10 @@ mod tests {
         assert!(!format!("{}", k.secret()).contains("topsecretvalue"));
         let a: AutojoinApiKey = "plainautojoinkey".parse().unwrap();
         assert!(!format!("{a:?}").contains("plainautojoinkey"));
+        // In their place a marker, so a log shows that a secret was there.
+        assert_eq!(format!("{:?}", k.secret()), "Secret(<redacted>)");
+        assert_eq!(k.secret().to_string(), "<redacted>");
+        assert_eq!(format!("{a:?}"), "AutojoinApiKey(Secret(<redacted>))");
     }
 
     #[test]
@@ -481,6 +485,7 @@ mod tests {
     fn new_ids_are_checked() {
         assert!(check_new_id("acme_co-1", 64).is_ok());
         assert!(check_new_id("", 64).is_err());
+        assert!(check_new_id(&"a".repeat(64), 64).is_ok());
         assert!(check_new_id(&"a".repeat(65), 64).is_err());
         assert!(check_new_id("a.b", 64).is_err());
         assert!(check_new_id("a b", 64).is_err());

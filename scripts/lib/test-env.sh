@@ -41,9 +41,11 @@ ensure_cargo_tool() {
     fi
 }
 
-# From here on, cargo builds our crates instrumented for coverage (in the
-# usual target folder; dependencies are not instrumented) and every test
-# process writes a profile; coverage_report reads them.
+# From here on, cargo builds our crates instrumented for coverage (their
+# dependencies are not), in a target folder of their own: cargo does not see
+# the instrumenting wrapper in its fingerprints, so sharing target/debug would
+# mix instrumented and plain objects. Every test process writes a profile
+# there; coverage_report reads them.
 enter_coverage_env() {
     if [[ ! -x /usr/lib/llvm-19/bin/llvm-cov ]]; then
         log "installing llvm-19 (Debian) for llvm-cov and llvm-profdata"
@@ -52,9 +54,10 @@ enter_coverage_env() {
     export LLVM_COV=/usr/lib/llvm-19/bin/llvm-cov
     export LLVM_PROFDATA=/usr/lib/llvm-19/bin/llvm-profdata
     ensure_cargo_tool cargo-llvm-cov "$CARGO_LLVM_COV_VERSION"
-    # Old profiles would be counted with the new ones.
-    cargo llvm-cov clean --workspace --profraw-only
+    export CARGO_TARGET_DIR="$PWD/target/llvm-cov-target"
     source <(cargo llvm-cov show-env --sh 2>/dev/null)
+    # Objects and profiles of an earlier run would be counted with this one.
+    cargo llvm-cov clean --workspace
 }
 
 # The per-file table and the total; fails below the floors.
