@@ -29,6 +29,7 @@ use tokio::sync::OnceCell;
 use crate::claims::Principal;
 use crate::metrics::Metrics;
 use crate::store::StoreError;
+use crate::store::changes::Invalidation;
 
 /// A monotonic clock, so tests can move time instead of sleeping.
 pub trait Clock: Send + Sync {
@@ -191,6 +192,9 @@ pub struct KeyCache {
     valid: Mutex<LruCache<CacheKey, Entry>>,
     refused: Mutex<LruCache<CacheKey, Entry>>,
     in_flight: Mutex<HashMap<CacheKey, Flight>>,
+    /// Bumped by every invalidation. A lookup that started before one may
+    /// have read what the change replaced, so its answer is not kept.
+    generation: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -218,6 +222,7 @@ impl KeyCache {
             valid: Mutex::new(LruCache::new(size(valid))),
             refused: Mutex::new(LruCache::new(size(refused))),
             in_flight: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
             metrics,
         }
     }
@@ -249,9 +254,14 @@ impl KeyCache {
         let outcome = flight
             .get_or_init(|| async {
                 ran_lookup.store(true, Ordering::Relaxed);
+                let generation = self.generation.load(Ordering::SeqCst);
                 let result = lookup().await;
                 if let Ok(verdict) = &result {
-                    self.remember(key, verdict);
+                    // Kept only if no invalidation arrived meanwhile; the
+                    // answer itself is still given to this request.
+                    if self.generation.load(Ordering::SeqCst) == generation {
+                        self.remember(key, verdict);
+                    }
                 }
                 // Later callers must ask the store again, not reuse this.
                 let mut in_flight = lock(&self.in_flight);
@@ -316,6 +326,34 @@ impl KeyCache {
         }
     }
 
+    /// Drops the valid entries `what` covers, and every refusal (they name
+    /// no key, and are cheap to learn again), so the next request for an
+    /// affected key asks the store. A dropped entry cannot answer stale
+    /// later either: a revoked key stays refused through a store outage.
+    /// Returns how many valid entries were dropped.
+    pub fn invalidate(&self, what: &Invalidation) -> usize {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        lock(&self.refused).clear();
+        let mut valid = lock(&self.valid);
+        if *what == Invalidation::Everything {
+            let dropped = valid.len();
+            valid.clear();
+            return dropped;
+        }
+        let affected: Vec<CacheKey> = valid
+            .iter()
+            .filter(|(_, entry)| match &entry.verdict {
+                Verdict::Valid(principal) => covers(what, principal),
+                Verdict::Invalid(_) => false,
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in &affected {
+            valid.pop(key);
+        }
+        affected.len()
+    }
+
     /// Entries held: (valid, refused).
     pub fn len(&self) -> (usize, usize) {
         (lock(&self.valid).len(), lock(&self.refused).len())
@@ -324,6 +362,24 @@ impl KeyCache {
     /// Lookups in flight (each shared by the requests waiting on it).
     pub fn flights(&self) -> usize {
         lock(&self.in_flight).len()
+    }
+}
+
+/// Whether a change to `what` may alter the verdict for `principal`.
+fn covers(what: &Invalidation, principal: &Principal) -> bool {
+    match (what, principal) {
+        (Invalidation::Everything, _) => true,
+        (
+            Invalidation::IntegrationKey { integration_id, key_id },
+            Principal::Integration {
+                int_id, key_id: held, ..
+            },
+        ) => integration_id == int_id && key_id == held,
+        (Invalidation::Integration { integration_id }, Principal::Integration { int_id, .. }) => {
+            integration_id == int_id
+        }
+        (Invalidation::Organization { org }, Principal::Autojoin { org: held }) => org == held,
+        _ => false,
     }
 }
 
@@ -535,5 +591,124 @@ mod tests {
             cache_key(b'i', "mlabk.cii_a.ki_b.s1"),
             cache_key(b'i', "mlabk.cii_a.ki_b.s2")
         );
+    }
+
+    fn integration(int_id: &str, key_id: &str) -> Verdict {
+        Verdict::Valid(Principal::Integration {
+            int_id: int_id.into(),
+            key_id: key_id.into(),
+            tier: 0,
+        })
+    }
+
+    /// Each published change drops exactly the entries it covers, plus
+    /// every refusal; a dropped entry is asked for again and cannot answer
+    /// stale while the store is down.
+    #[tokio::test]
+    async fn invalidations_drop_what_they_cover_and_no_more() {
+        let f = fixture(100);
+        let entries = [
+            ("a1", integration("acme", "ki_1")),
+            ("a2", integration("acme", "ki_2")),
+            ("b1", integration("beta", "ki_1")),
+            ("o1", valid("mlab")),
+            ("o2", valid("other")),
+        ];
+        for (name, verdict) in &entries {
+            f.ask(name, Ok(verdict.clone())).await.unwrap();
+        }
+        f.ask("refused", Ok(Verdict::Invalid("unknown".into()))).await.unwrap();
+        assert_eq!(f.cache.len(), (5, 1));
+
+        let key = |integration_id: &str, key_id: &str| Invalidation::IntegrationKey {
+            integration_id: integration_id.into(),
+            key_id: key_id.into(),
+        };
+        assert_eq!(f.cache.invalidate(&key("acme", "ki_1")), 1);
+        assert_eq!(f.cache.len(), (4, 0), "refusals go too");
+        assert_eq!(f.cache.invalidate(&key("acme", "ki_9")), 0);
+        assert_eq!(f.cache.invalidate(&key("beta", "ki_2")), 0);
+        let org = Invalidation::Organization { org: "mlab".into() };
+        assert_eq!(f.cache.invalidate(&org), 1);
+        let whole = Invalidation::Integration {
+            integration_id: "acme".into(),
+        };
+        assert_eq!(f.cache.invalidate(&whole), 1);
+        assert_eq!(f.cache.len(), (2, 0));
+
+        // What was dropped is asked for again; with the store down it gets
+        // 503, not the dropped verdict.
+        let calls = f.calls();
+        f.clock.advance(Duration::from_secs(1));
+        assert!(f.ask("a1", Err("down")).await.is_err());
+        assert_eq!(f.calls(), calls + 1);
+        // What was kept still answers from the cache.
+        assert_eq!(f.ask("b1", Err("down")).await.unwrap(), integration("beta", "ki_1"));
+        assert_eq!(f.calls(), calls + 1);
+
+        assert_eq!(f.cache.invalidate(&Invalidation::Everything), 2);
+        assert_eq!(f.cache.len(), (0, 0));
+    }
+
+    /// A lookup that read the store before a change and answers after it
+    /// is given to its caller but not kept: the next request asks again.
+    #[tokio::test]
+    async fn a_lookup_overtaken_by_an_invalidation_is_not_kept() {
+        let f = fixture(100);
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let cache = f.cache.clone();
+        let slow = tokio::spawn(async move {
+            cache
+                .verdict(cache_key(b'a', "k"), || async move {
+                    let _ = released.await;
+                    Ok(integration("acme", "ki_1"))
+                })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        f.cache.invalidate(&Invalidation::IntegrationKey {
+            integration_id: "acme".into(),
+            key_id: "ki_1".into(),
+        });
+        release.send(()).unwrap();
+        assert_eq!(slow.await.unwrap().unwrap(), integration("acme", "ki_1"));
+        assert_eq!(f.cache.len(), (0, 0));
+        f.ask("k", Ok(integration("acme", "ki_1"))).await.unwrap();
+        assert_eq!(f.calls(), 1, "asked the store again");
+        assert_eq!(f.cache.len(), (1, 0));
+    }
+
+    /// A caller that gives up leaves the lookup to those still waiting on
+    /// it, and later callers join it instead of starting another.
+    #[tokio::test]
+    async fn one_caller_leaving_keeps_the_flight_for_the_others() {
+        let f = fixture(100);
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let cache = f.cache.clone();
+        let staying = tokio::spawn(async move {
+            cache
+                .verdict(cache_key(b'a', "k"), || async move {
+                    let _ = released.await;
+                    Ok(valid("o"))
+                })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let leaving = f
+            .cache
+            .verdict(cache_key(b'a', "k"), || async { Ok(valid("second lookup")) });
+        assert!(tokio::time::timeout(Duration::from_millis(5), leaving).await.is_err());
+        assert_eq!(f.cache.flights(), 1, "the first caller still waits on it");
+        let cache = f.cache.clone();
+        let joining = tokio::spawn(async move {
+            cache
+                .verdict(cache_key(b'a', "k"), || async { Ok(valid("third lookup")) })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        release.send(()).unwrap();
+        assert_eq!(staying.await.unwrap().unwrap(), valid("o"));
+        assert_eq!(joining.await.unwrap().unwrap(), valid("o"), "joined the first lookup");
+        assert_eq!(f.cache.flights(), 0);
     }
 }

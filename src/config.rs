@@ -99,6 +99,10 @@ pub struct StoreArgs {
     /// Datastore namespace of client integrations and their keys.
     #[arg(long, env = "CLIENT_INTEGRATION_NS", default_value = "client-integration")]
     pub client_integration_ns: String,
+    /// Datastore namespace where admin commands publish their changes for
+    /// running servers (kind `TokenExchangeChange`); no Go program reads it.
+    #[arg(long, env = "CHANGES_NS", default_value = "token-exchange")]
+    pub changes_ns: String,
     /// Limit on each store call (e.g. `2s`, `500ms`); past it the request
     /// gets a 503. Datastore reads that fail transiently are retried once
     /// within the request; SQL stores rely on their connection pool.
@@ -123,6 +127,7 @@ impl StoreArgs {
             project_id: self.project_id.clone(),
             platform_ns: self.platform_ns.clone(),
             client_integration_ns: self.client_integration_ns.clone(),
+            changes_ns: self.changes_ns.clone(),
             timeout: self.store_timeout,
             max_connections: self.store_max_connections,
         }
@@ -209,8 +214,15 @@ pub struct ServeArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub store: StoreArgs,
-    /// How long a valid key is trusted without asking the store again. This
-    /// is the longest a revoked key keeps working. `0` disables the cache.
+    /// How often the store is polled for changes published by admin
+    /// commands (SQLite, Datastore; PostgreSQL pushes them). A revoked key
+    /// is refused by every server within about this long (plus the poll).
+    #[arg(long, env = "CHANGES_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub changes_poll_interval: Duration,
+    /// How long a valid key is trusted without asking the store again: the
+    /// longest a revoked key keeps working when the change is not published
+    /// (another program wrote it) or the change feed is down. `0` disables
+    /// the cache.
     #[arg(long, env = "KEY_CACHE_TTL", default_value = "30s", value_parser = parse_duration)]
     pub key_cache_ttl: Duration,
     /// How long an unknown, inactive or wrong key is refused without asking

@@ -38,6 +38,7 @@ pub mod claims;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod invalidation;
 pub mod json;
 pub mod metrics;
 pub mod rotation;

@@ -4,7 +4,8 @@
 //! buckets, so existing dashboards and alerts keep working. The rest are new.
 
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Everything the service counts. One instance per server, registered in a
@@ -41,7 +42,27 @@ pub struct Metrics {
     pub key_cache_flights: IntGauge,
     /// Signing-key reloads, by result (success, failure).
     pub key_reloads: IntCounterVec,
+    /// Changes published by admin commands, received from the store's
+    /// change feed, and applied to the cache.
+    pub invalidations_received: IntCounter,
+    pub invalidations_applied: IntCounter,
+    /// From the change's commit (admin's clock) to its application here.
+    pub invalidation_lag: Histogram,
+    /// Times the change feed reconnected or recovered from a failure.
+    pub change_feed_recoveries: IntCounter,
+    /// Times the whole cache was dropped (after a recovery, or a gap).
+    pub key_cache_flushes: IntCounter,
 }
+
+fn int_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+/// Seconds from a change to its application: polling puts most near the
+/// poll interval; the tail shows a slow or failing feed.
+const LAG_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0];
 
 /// Buckets for in-process work measured in microseconds (signing, a cached
 /// or local store read), which Prometheus' defaults (5 ms and up) cannot
@@ -171,6 +192,38 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("metric registered once");
                 g
             },
+            invalidations_received: int_counter(
+                &registry,
+                "tokenexchange_cache_invalidations_received_total",
+                "Changes published by admin commands and received from the store.",
+            ),
+            invalidations_applied: int_counter(
+                &registry,
+                "tokenexchange_cache_invalidations_applied_total",
+                "Published changes applied to the validation cache.",
+            ),
+            invalidation_lag: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "tokenexchange_cache_invalidation_lag_seconds",
+                        "Time from a published change's commit to its application to the cache.",
+                    )
+                    .buckets(LAG_BUCKETS.to_vec()),
+                )
+                .expect("valid metric definition");
+                registry.register(Box::new(h.clone())).expect("metric registered once");
+                h
+            },
+            change_feed_recoveries: int_counter(
+                &registry,
+                "tokenexchange_change_feed_recoveries_total",
+                "Times the change feed reconnected (PostgreSQL listener) or recovered from a failed poll.",
+            ),
+            key_cache_flushes: int_counter(
+                &registry,
+                "tokenexchange_key_cache_flushes_total",
+                "Times the whole validation cache was dropped because changes may have been missed.",
+            ),
             jwks_requests,
             registry,
         }

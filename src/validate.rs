@@ -48,6 +48,11 @@ impl Validator {
         }
     }
 
+    /// The validation cache, for invalidations from the store's change feed.
+    pub fn cache(&self) -> &Arc<KeyCache> {
+        &self.cache
+    }
+
     /// Checks a client-integration key: well formed, known, active, and its
     /// secret hashes to the stored hash.
     pub async fn integration(&self, presented: &str) -> Result<Principal, Rejection> {

@@ -52,6 +52,8 @@ for_each_backend!(
     store_outages_serve_recent_keys_then_503_and_recover,
     the_key_lifecycle_from_the_cli,
     the_autojoin_lifecycle_from_the_cli,
+    revocation_reaches_every_replica_within_seconds,
+    a_change_feed_cut_off_by_an_outage_recovers_and_flushes,
 );
 
 fn verify(token: &str, jwks: &jsonwebtoken::jwk::JwkSet, alg: Algorithm, audience: &str) -> Value {
@@ -782,6 +784,7 @@ async fn store_outages_serve_recent_keys_then_503_and_recover(backend: Backend) 
                     project_id: support::TEST_PROJECT.into(),
                     platform_ns: ws.store_args.platform_ns.clone(),
                     client_integration_ns: ws.store_args.client_integration_ns.clone(),
+                    changes_ns: ws.store_args.changes_ns.clone(),
                     timeout: ws.store_args.store_timeout,
                     emulator_host: Some(host.clone()),
                 };
@@ -1113,4 +1116,194 @@ async fn the_autojoin_lifecycle_from_the_cli(backend: Backend) {
     clock.advance(DEFAULT_TTL);
     assert_eq!(app.status("autojoin", &second).await, 401);
     assert!(admin_fails(&ws, &["autojoin", "list-keys", "--org", "lifeorg"]).contains("does not exist"));
+}
+
+/// The bound the README promises for a published change (issue 16).
+const REVOCATION_BOUND: Duration = Duration::from_secs(2);
+
+async fn revocation_reaches_every_replica_within_seconds(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let key = ws.integration_key("spread", &[]);
+    let key_id = key.split('.').nth(2).unwrap().to_owned();
+    let org_key = ws.autojoin_key("spread-org");
+    // Two replicas with the default 30 s cache TTL.
+    let replicas = [
+        support::Replica::start(&ws, &ws.store_flags, &[], &[]),
+        support::Replica::start(&ws, &ws.store_flags, &[], &[]),
+    ];
+    for r in &replicas {
+        assert_eq!(r.status("integration", &key).await, 200);
+        assert_eq!(r.status("autojoin", &org_key).await, 200);
+    }
+    // Let the feeds start (their first read) before changing anything.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    ws.admin_json(&["key", "revoke", "--integration-id", "spread", "--key-id", &key_id]);
+    let revoked = std::time::Instant::now();
+    for r in &replicas {
+        let took = r
+            .refused_after("integration", &key, revoked, Duration::from_secs(10))
+            .await;
+        eprintln!("{}: revocation seen after {took:?}", backend.label());
+        assert!(took < REVOCATION_BOUND, "{took:?}");
+    }
+    // Re-activated: accepted again without waiting for the refusal to expire.
+    ws.admin_json(&["key", "activate", "--integration-id", "spread", "--key-id", &key_id]);
+    let activated = std::time::Instant::now();
+    for r in &replicas {
+        while r.status("integration", &key).await != 200 {
+            assert!(activated.elapsed() < REVOCATION_BOUND, "{:?}", activated.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    let listed = ws.admin_json(&["autojoin", "list-keys", "--org", "spread-org"]);
+    let fingerprint = listed["keys"][0]["fingerprint"].as_str().unwrap().to_owned();
+    ws.admin_json(&[
+        "autojoin",
+        "delete-key",
+        "--org",
+        "spread-org",
+        "--fingerprint",
+        &fingerprint,
+    ]);
+    let deleted = std::time::Instant::now();
+    for r in &replicas {
+        let took = r
+            .refused_after("autojoin", &org_key, deleted, Duration::from_secs(10))
+            .await;
+        assert!(took < REVOCATION_BOUND, "{took:?}");
+    }
+
+    // Following the feed costs no key reads: a hot key still costs one
+    // lookup per TTL while several polls go by.
+    let hot = ws.integration_key("spread", &[]);
+    let before = lookups(&replicas[0].scrape().await, backend, "integration");
+    for round in 0..3 {
+        for _ in 0..100 {
+            assert_eq!(replicas[0].status("integration", &hot).await, 200);
+        }
+        if round < 2 {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+    }
+    let text = replicas[0].scrape().await;
+    assert_eq!(
+        lookups(&text, backend, "integration") - before,
+        1.0,
+        "one read for 300 exchanges"
+    );
+
+    for r in &replicas {
+        let text = r.scrape().await;
+        let received = series(&text, "tokenexchange_cache_invalidations_received_total");
+        assert!(received >= 3.0, "{received}");
+        assert_eq!(
+            series(&text, "tokenexchange_cache_invalidations_applied_total"),
+            received
+        );
+        assert!(series(&text, "tokenexchange_cache_invalidation_lag_seconds_count") >= 3.0);
+        assert_eq!(series(&text, "tokenexchange_key_cache_flushes_total"), 0.0);
+    }
+}
+
+async fn a_change_feed_cut_off_by_an_outage_recovers_and_flushes(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    // A store of this test's own to stop and start (SQLite: a lock held).
+    let (flags, env, mut outage) = match backend {
+        Backend::Sqlite => (
+            ws.store_flags.clone(),
+            Vec::new(),
+            Outage::Sqlite {
+                path: ws.store_url().trim_start_matches("sqlite:").to_owned(),
+                locker: None,
+            },
+        ),
+        Backend::Postgres => {
+            let pg = support::postgres::Postgres::start();
+            (vec!["--store".to_owned(), pg.url()], Vec::new(), Outage::Postgres(pg))
+        }
+        Backend::Datastore => {
+            let port = support::emulator::free_port();
+            let emulator = support::emulator::Emulator::start(port).await;
+            (
+                ws.store_flags.clone(),
+                vec![("DATASTORE_EMULATOR_HOST".to_owned(), format!("127.0.0.1:{port}"))],
+                Outage::Datastore { emulator, port },
+            )
+        }
+    };
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let admin = |args: &[&str]| -> Value {
+        let out = command()
+            .args(args)
+            .arg("--json")
+            .args(&flags)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let created = admin(&["integration", "create", "--integration-id", "cut"]);
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    // A long TTL, so only a flush can make the replica ask the store again.
+    let replica = support::Replica::start(
+        &ws,
+        &flags,
+        &env,
+        &["--store-timeout", "300ms", "--key-cache-ttl", "10m"],
+    );
+    assert_eq!(replica.status("integration", &key).await, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    outage.begin().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    outage.end().await;
+
+    // Back: the feed recovers and, not knowing what it missed, drops the
+    // whole cache.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = replica.scrape().await;
+        if series(&text, "tokenexchange_key_cache_flushes_total") >= 1.0 {
+            assert!(series(&text, "tokenexchange_change_feed_recoveries_total") >= 1.0);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no flush after the outage");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if backend == Backend::Datastore {
+        // The restarted emulator is empty: with the cache dropped, the key
+        // that was cached for 10 minutes is now asked for, and is gone.
+        assert_eq!(replica.status("integration", &key).await, 401);
+        let created = admin(&["integration", "create", "--integration-id", "cut"]);
+        let fresh = created["api_key"].as_str().unwrap().to_owned();
+        assert_eq!(replica.status("integration", &fresh).await, 200);
+        let key_id = fresh.split('.').nth(2).unwrap().to_owned();
+        admin(&["key", "revoke", "--integration-id", "cut", "--key-id", &key_id]);
+        let revoked = std::time::Instant::now();
+        let took = replica
+            .refused_after("integration", &fresh, revoked, Duration::from_secs(10))
+            .await;
+        assert!(took < REVOCATION_BOUND, "{took:?}");
+    } else {
+        // And follows changes again.
+        assert_eq!(replica.status("integration", &key).await, 200);
+        let key_id = key.split('.').nth(2).unwrap().to_owned();
+        admin(&["key", "revoke", "--integration-id", "cut", "--key-id", &key_id]);
+        let revoked = std::time::Instant::now();
+        let took = replica
+            .refused_after("integration", &key, revoked, Duration::from_secs(10))
+            .await;
+        assert!(took < REVOCATION_BOUND, "{took:?}");
+    }
 }

@@ -43,7 +43,13 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let alg = keys.active().alg().as_str();
     let active_kid = keys.active().kid().to_owned();
     let published: Vec<String> = keys.kids().into_iter().map(str::to_owned).collect();
+    let feed = store.change_feed(args.changes_poll_interval);
     let state = AppState::new(Arc::new(keys), store, args.settings());
+    tokio::spawn(crate::invalidation::follow(
+        feed,
+        state.validator.cache().clone(),
+        state.metrics.clone(),
+    ));
     tokio::spawn(rotation::watch(
         source,
         state.keys.clone(),

@@ -7,6 +7,7 @@
 //! three; [`open`] picks one from the `--store` setting.
 
 mod bounded;
+pub mod changes;
 pub mod datastore;
 mod health;
 mod instrumented;
@@ -101,6 +102,12 @@ pub trait AutojoinKeys: Send + Sync {
 /// Writes for the admin CLI.
 #[async_trait]
 pub trait Admin: Send + Sync {
+    /// The changes admin commands publish (every write below publishes one
+    /// in its own transaction), for a server to follow; polled every
+    /// `interval` where the store is polled. Nothing is read until the
+    /// feed's first `next`.
+    fn change_feed(&self, interval: std::time::Duration) -> Box<dyn changes::ChangeFeed>;
+
     /// Creates the key, and its integration first if it does not exist, in
     /// one transaction. Returns whether the integration was created.
     /// A key ID already used in that integration is `AlreadyExists`.
@@ -305,6 +312,8 @@ pub struct StoreSettings {
     pub platform_ns: String,
     /// Datastore namespace of client integrations and their keys.
     pub client_integration_ns: String,
+    /// Datastore namespace of published changes.
+    pub changes_ns: String,
     /// Limit on each store call.
     pub timeout: std::time::Duration,
     /// Most PostgreSQL connections from this process.
@@ -399,6 +408,7 @@ pub async fn open(settings: impl Into<StoreSettings>) -> Result<Arc<dyn Store>, 
                 project_id: project,
                 platform_ns,
                 client_integration_ns,
+                changes_ns: settings.changes_ns.clone(),
                 timeout: settings.timeout,
                 emulator_host: emulator,
             })?;
@@ -418,6 +428,7 @@ mod location_tests {
             project_id: "p".into(),
             platform_ns: "platform-credentials".into(),
             client_integration_ns: "client-integration".into(),
+            changes_ns: "token-exchange".into(),
             timeout: std::time::Duration::from_secs(1),
             max_connections: 1,
         }

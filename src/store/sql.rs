@@ -27,6 +27,7 @@ use sqlx::{Row as _, SqlSafeStr as _};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use super::changes::{ChangeFeed, ChangeNotice, Invalidation, PG_CHANNEL, Recovery};
 use super::{
     Admin, AutojoinKeyInfo, AutojoinKeys, Backend, IntegrationInfo, IntegrationKeyRecord, IntegrationKeys, KeyChange,
     KeyInfo, NewIntegrationKey, OrgInfo, StoreError, check_fingerprint, key_not_found,
@@ -61,10 +62,10 @@ pub struct SqlStore {
     pool: SqlPool,
 }
 
-fn migration(version: i64, sql: &'static str) -> Migration {
+fn migration(version: i64, description: &'static str, sql: &'static str) -> Migration {
     Migration::new(
         version,
-        "initial".into(),
+        description.into(),
         MigrationType::Simple,
         sql.into_sql_str(),
         false,
@@ -72,15 +73,17 @@ fn migration(version: i64, sql: &'static str) -> Migration {
 }
 
 fn sqlite_migrator() -> Migrator {
-    Migrator::with_migrations(vec![migration(
-        1,
-        include_str!("../../migrations/sqlite/0001_initial.sql"),
-    )])
+    Migrator::with_migrations(vec![
+        migration(1, "initial", include_str!("../../migrations/sqlite/0001_initial.sql")),
+        migration(2, "changes", include_str!("../../migrations/sqlite/0002_changes.sql")),
+    ])
 }
 
 fn postgres_migrator() -> Migrator {
+    // PostgreSQL publishes changes with NOTIFY; it needs no table for them.
     Migrator::with_migrations(vec![migration(
         1,
+        "initial",
         include_str!("../../migrations/postgres/0001_initial.sql"),
     )])
 }
@@ -300,6 +303,34 @@ impl Backend for SqlStore {
 
 #[async_trait]
 impl Admin for SqlStore {
+    fn change_feed(&self, interval: Duration) -> Box<dyn ChangeFeed> {
+        match &self.pool {
+            SqlPool::Sqlite(pool) => Box::new(SqliteFeed {
+                pool: pool.clone(),
+                interval,
+                last_seq: None,
+                recovery: Recovery::default(),
+            }),
+            SqlPool::Postgres(pool) => {
+                // A connection of its own, outside the pool that lookups
+                // share (a listener holds its connection for good), named
+                // so that operators can tell it apart.
+                let options = (*pool.connect_options())
+                    .clone()
+                    .application_name("token-exchange-changes");
+                let own = PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(pool.options().get_acquire_timeout())
+                    .connect_lazy_with(options);
+                Box::new(PgFeed {
+                    pool: own,
+                    listener: None,
+                    recovery: Recovery::default(),
+                })
+            }
+        }
+    }
+
     async fn create_integration_key(&self, key: &NewIntegrationKey) -> Result<bool, StoreError> {
         let created_at = timestamp(key.created_at);
         on_pool!(self, pool => {
@@ -471,6 +502,9 @@ impl Admin for SqlStore {
             "DELETE FROM integration_keys WHERE integration_id = $1",
             "DELETE FROM integrations WHERE integration_id = $1",
             integration_id,
+            &Invalidation::Integration {
+                integration_id: integration_id.to_owned(),
+            },
         )
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("integration {integration_id}")))
@@ -482,7 +516,12 @@ impl Admin for SqlStore {
         key_id: &str,
         change: KeyChange,
     ) -> Result<(), StoreError> {
-        let updated = on_pool!(self, pool => {
+        let published = Invalidation::IntegrationKey {
+            integration_id: integration_id.to_owned(),
+            key_id: key_id.to_owned(),
+        };
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await.map_err(classify)?;
             let query = match &change {
                 KeyChange::Status(status) => {
                     sqlx::query("UPDATE integration_keys SET status = $1 WHERE integration_id = $2 AND key_id = $3")
@@ -493,34 +532,41 @@ impl Admin for SqlStore {
                         .bind(*tier)
                 }
             };
-            query
+            let updated = query
                 .bind(integration_id)
                 .bind(key_id)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await
                 .map_err(classify)?
-                .rows_affected()
-        });
-        if updated == 0 {
-            return Err(key_not_found(integration_id, key_id));
-        }
-        Ok(())
+                .rows_affected();
+            if updated == 0 {
+                return Err(key_not_found(integration_id, key_id));
+            }
+            (*tx).publish(&published).await?;
+            tx.commit().await.map_err(classify)
+        })
     }
 
     async fn delete_integration_key(&self, integration_id: &str, key_id: &str) -> Result<(), StoreError> {
-        let deleted = on_pool!(self, pool => {
-            sqlx::query("DELETE FROM integration_keys WHERE integration_id = $1 AND key_id = $2")
+        let published = Invalidation::IntegrationKey {
+            integration_id: integration_id.to_owned(),
+            key_id: key_id.to_owned(),
+        };
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await.map_err(classify)?;
+            let deleted = sqlx::query("DELETE FROM integration_keys WHERE integration_id = $1 AND key_id = $2")
                 .bind(integration_id)
                 .bind(key_id)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await
                 .map_err(classify)?
-                .rows_affected()
-        });
-        if deleted == 0 {
-            return Err(key_not_found(integration_id, key_id));
-        }
-        Ok(())
+                .rows_affected();
+            if deleted == 0 {
+                return Err(key_not_found(integration_id, key_id));
+            }
+            (*tx).publish(&published).await?;
+            tx.commit().await.map_err(classify)
+        })
     }
 
     async fn list_orgs(&self) -> Result<Vec<OrgInfo>, StoreError> {
@@ -589,6 +635,7 @@ impl Admin for SqlStore {
                         .execute(&mut *tx)
                         .await
                         .map_err(classify)?;
+                    (*tx).publish(&Invalidation::Organization { org: org.to_owned() }).await?;
                     tx.commit().await.map_err(classify)
                 }
                 _ => Err(StoreError::Ambiguous(format!(
@@ -604,6 +651,7 @@ impl Admin for SqlStore {
             "DELETE FROM autojoin_keys WHERE org = $1",
             "DELETE FROM organizations WHERE name = $1",
             org,
+            &Invalidation::Organization { org: org.to_owned() },
         )
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("organization {org}")))
@@ -618,6 +666,7 @@ impl SqlStore {
         children: &'static str,
         parent: &'static str,
         id: &str,
+        published: &Invalidation,
     ) -> Result<Option<usize>, StoreError> {
         on_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(classify)?;
@@ -627,6 +676,7 @@ impl SqlStore {
                 // Dropping the transaction rolls it back: nothing changes.
                 return Ok(None);
             }
+            (*tx).publish(published).await?;
             tx.commit().await.map_err(classify)?;
             Ok(Some(usize::try_from(removed).unwrap_or(usize::MAX)))
         })
@@ -637,6 +687,187 @@ impl SqlStore {
         on_pool!(self, pool => {
             sqlx::query_scalar(sql).bind(value).fetch_optional(pool).await.map_err(classify)
         })
+    }
+}
+
+/// Publishing a change inside the transaction that makes it.
+trait Publish {
+    async fn publish(&mut self, what: &Invalidation) -> Result<(), StoreError>;
+}
+
+/// Rows of `changes` kept; older ones go as new ones come. A server more
+/// than this many changes behind sees the gap and drops its whole cache.
+const SQLITE_CHANGES_KEPT: i64 = 10_000;
+
+impl Publish for sqlx::SqliteConnection {
+    async fn publish(&mut self, what: &Invalidation) -> Result<(), StoreError> {
+        let (kind, subject, key_id) = what.to_parts();
+        let at = OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let seq: i64 =
+            sqlx::query_scalar("INSERT INTO changes (kind, subject, key_id, at) VALUES ($1, $2, $3, $4) RETURNING seq")
+                .bind(kind)
+                .bind(subject)
+                .bind(key_id)
+                .bind(at)
+                .fetch_one(&mut *self)
+                .await
+                .map_err(classify)?;
+        sqlx::query("DELETE FROM changes WHERE seq <= $1")
+            .bind(seq - SQLITE_CHANGES_KEPT)
+            .execute(&mut *self)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+}
+
+impl Publish for sqlx::PgConnection {
+    async fn publish(&mut self, what: &Invalidation) -> Result<(), StoreError> {
+        let (kind, subject, key_id) = what.to_parts();
+        let at = OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let payload = serde_json::json!({ "kind": kind, "subject": subject, "key_id": key_id, "at": at });
+        // Delivered to every listener when (and only if) the transaction commits.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(PG_CHANNEL)
+            .bind(payload.to_string())
+            .execute(&mut *self)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+}
+
+fn parse_at(at: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(at, &Rfc3339).ok()
+}
+
+/// Polls SQLite's `changes` table.
+struct SqliteFeed {
+    pool: SqlitePool,
+    interval: Duration,
+    /// The last `seq` seen; `None` until the first read.
+    last_seq: Option<i64>,
+    recovery: Recovery,
+}
+
+/// Changes read in one poll at most; the rest come with the next.
+const CHANGES_PER_POLL: i64 = 1_000;
+
+impl SqliteFeed {
+    async fn poll(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
+        let Some(last) = self.last_seq else {
+            // Start at the newest change: the cache is empty, nothing older matters.
+            let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM changes")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)?;
+            self.last_seq = Some(newest.unwrap_or(0));
+            return Ok(Vec::new());
+        };
+        let rows =
+            sqlx::query("SELECT seq, kind, subject, key_id, at FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .bind(last)
+                .bind(CHANGES_PER_POLL)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+        let mut notices = Vec::with_capacity(rows.len());
+        let mut expected = last + 1;
+        for row in &rows {
+            let seq: i64 = row.try_get("seq").map_err(backend)?;
+            if seq != expected {
+                // Pruned past us, or the file was replaced: changes were missed.
+                notices.push(ChangeNotice::everything());
+            }
+            expected = seq + 1;
+            let (kind, subject, key_id, at): (String, String, String, String) = (
+                row.try_get("kind").map_err(backend)?,
+                row.try_get("subject").map_err(backend)?,
+                row.try_get("key_id").map_err(backend)?,
+                row.try_get("at").map_err(backend)?,
+            );
+            notices.push(ChangeNotice {
+                what: Invalidation::from_parts(&kind, &subject, &key_id),
+                at: parse_at(&at),
+            });
+            self.last_seq = Some(seq);
+        }
+        Ok(notices)
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for SqliteFeed {
+    async fn next(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
+        if self.last_seq.is_some() {
+            tokio::time::sleep(self.interval).await;
+        }
+        let result = self.poll().await;
+        self.recovery.observe(result)
+    }
+
+    fn recoveries(&self) -> u64 {
+        self.recovery.count()
+    }
+}
+
+/// Listens for PostgreSQL notifications on its own connection.
+struct PgFeed {
+    pool: PgPool,
+    listener: Option<sqlx::postgres::PgListener>,
+    recovery: Recovery,
+}
+
+impl PgFeed {
+    async fn receive(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
+        let Some(listener) = self.listener.as_mut() else {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
+                .await
+                .map_err(classify)?;
+            listener.listen(PG_CHANNEL).await.map_err(classify)?;
+            self.listener = Some(listener);
+            // Return at once, so that a feed back from a failure reports it
+            // now rather than with the next notification.
+            return Ok(Vec::new());
+        };
+        match listener.try_recv().await {
+            Ok(Some(notification)) => Ok(vec![notice_from_payload(notification.payload())]),
+            // The connection dropped; the listener reconnects, and whatever
+            // was sent meanwhile is lost.
+            Ok(None) => {
+                self.recovery.lost_track();
+                Ok(Vec::new())
+            }
+            Err(e) => {
+                self.listener = None;
+                Err(classify(e))
+            }
+        }
+    }
+}
+
+fn notice_from_payload(payload: &str) -> ChangeNotice {
+    let v: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
+    let field = |name: &str| v.get(name).and_then(serde_json::Value::as_str).unwrap_or_default();
+    ChangeNotice {
+        what: Invalidation::from_parts(field("kind"), field("subject"), field("key_id")),
+        at: parse_at(field("at")),
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for PgFeed {
+    async fn next(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
+        let result = self.receive().await;
+        self.recovery.observe(result)
+    }
+
+    fn recoveries(&self) -> u64 {
+        self.recovery.count()
     }
 }
 

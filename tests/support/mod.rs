@@ -162,6 +162,7 @@ impl Workspace {
                 project_id: TEST_PROJECT.into(),
                 platform_ns: "platform-credentials".into(),
                 client_integration_ns: "client-integration".into(),
+                changes_ns: "token-exchange".into(),
                 store_timeout: Duration::from_secs(2),
                 store_max_connections: 4,
             },
@@ -175,6 +176,7 @@ impl Workspace {
                     project_id: TEST_PROJECT.into(),
                     platform_ns: "platform-credentials".into(),
                     client_integration_ns: "client-integration".into(),
+                    changes_ns: "token-exchange".into(),
                     store_timeout: Duration::from_secs(2),
                     store_max_connections: 4,
                 }
@@ -189,6 +191,7 @@ impl Workspace {
                     project_id: TEST_PROJECT.into(),
                     platform_ns: unique("pc"),
                     client_integration_ns: unique("ci"),
+                    changes_ns: unique("ch"),
                     store_timeout: Duration::from_secs(2),
                     store_max_connections: 4,
                 }
@@ -203,6 +206,8 @@ impl Workspace {
             store_args.platform_ns.clone(),
             "--client-integration-ns".into(),
             store_args.client_integration_ns.clone(),
+            "--changes-ns".into(),
+            store_args.changes_ns.clone(),
         ];
         let key_path = dir.path().join("jwk-priv.json");
         run_ok(&["keygen", "--alg", alg, "--out", key_path.to_str().unwrap()]);
@@ -508,4 +513,87 @@ pub fn parse_listening(line: &str) -> Option<(String, String)> {
             .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
     };
     Some((field("addr")?, field("metrics_addr")?))
+}
+
+/// A `serve` process of the real binary: one replica of a deployment.
+pub struct Replica {
+    child: std::process::Child,
+    pub base: String,
+    metrics: String,
+    client: reqwest::Client,
+    _log: std::sync::mpsc::Receiver<String>,
+}
+
+impl Replica {
+    /// Serves `ws`'s key from the store `store_flags` name, with `env` set
+    /// and `extra` flags after the rest.
+    pub fn start(ws: &Workspace, store_flags: &[String], env: &[(&str, &str)], extra: &[&str]) -> Self {
+        let mut cmd = command();
+        cmd.args(["serve", "--port", "0", "--metrics-port", "0"])
+            .args(["--private-key-path", ws.key_path.to_str().unwrap()])
+            .args(store_flags)
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("start the server");
+        let log = process::lines(child.stderr.take().unwrap());
+        let (addr, metrics) = process::listening_addrs(&log);
+        let local = |a: String| a.replace("[::]", "127.0.0.1").replace("0.0.0.0", "127.0.0.1");
+        Self {
+            child,
+            base: format!("http://{}", local(addr)),
+            metrics: format!("http://{}/metrics", local(metrics)),
+            client: reqwest::Client::new(),
+            _log: log,
+        }
+    }
+
+    pub async fn status(&self, route: &str, api_key: &str) -> u16 {
+        self.client
+            .post(format!("{}/v0/token/{route}", self.base))
+            .json(&serde_json::json!({ "api_key": api_key }))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    pub async fn scrape(&self) -> String {
+        self.client
+            .get(&self.metrics)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Exchanges `api_key` until it is refused (401), for at most `limit`
+    /// after `since`; returns how long after `since` that was.
+    pub async fn refused_after(
+        &self,
+        route: &str,
+        api_key: &str,
+        since: std::time::Instant,
+        limit: Duration,
+    ) -> Duration {
+        loop {
+            let status = self.status(route, api_key).await;
+            if status == 401 {
+                return since.elapsed();
+            }
+            assert!(since.elapsed() < limit, "still {status} after {:?}", since.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -8,6 +8,8 @@
 mod client;
 pub mod wire;
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,6 +18,7 @@ use time::OffsetDateTime;
 
 use self::client::{CallError, Client};
 use self::wire::{Entity, Key, PartitionId, PathElement};
+use super::changes::{CHANGE_KIND, ChangeFeed, ChangeNotice, Invalidation, Recovery};
 use super::{
     Admin, AutojoinKeyInfo, AutojoinKeys, Backend, IntegrationInfo, IntegrationKeyRecord, IntegrationKeys, KeyChange,
     KeyInfo, NewIntegrationKey, OrgInfo, STATUS_ACTIVE, StoreError, check_fingerprint, key_not_found,
@@ -42,6 +45,8 @@ pub struct DatastoreConfig {
     pub platform_ns: String,
     /// Namespace of `IntegrationMeta` and `IntegrationAPIKey`.
     pub client_integration_ns: String,
+    /// Namespace of published changes ([`CHANGE_KIND`]).
+    pub changes_ns: String,
     /// Limit on each call to Datastore.
     pub timeout: Duration,
     /// `host:port` of the emulator (`DATASTORE_EMULATOR_HOST`), if used.
@@ -49,9 +54,11 @@ pub struct DatastoreConfig {
 }
 
 pub struct DatastoreStore {
-    client: Client,
+    /// Shared with the change feed.
+    client: Arc<Client>,
     platform: PartitionId,
     integrations: PartitionId,
+    changes: PartitionId,
 }
 
 impl From<CallError> for StoreError {
@@ -78,9 +85,10 @@ impl DatastoreStore {
             namespace_id: ns.to_owned(),
         };
         Ok(Self {
-            client,
+            client: Arc::new(client),
             platform: partition(&config.platform_ns),
             integrations: partition(&config.client_integration_ns),
+            changes: partition(&config.changes_ns),
         })
     }
 
@@ -106,6 +114,31 @@ impl DatastoreStore {
                 })
                 .collect(),
         }
+    }
+
+    /// The mutation that publishes `what`, committed with the change itself.
+    /// Its key name starts with the time, so names sort like changes; the
+    /// random rest keeps two changes in one nanosecond apart.
+    fn publish(&self, what: &Invalidation) -> Value {
+        let now = OffsetDateTime::now_utc();
+        let mut random = [0u8; 8];
+        crate::api_key::fill_random(&mut random);
+        let name = format!(
+            "{:020}-{}",
+            now.unix_timestamp_nanos(),
+            crate::api_key::hex_lower(&random)
+        );
+        let (kind, subject, key_id) = what.to_parts();
+        let unindexed = |text: &str| json!({ "stringValue": text, "excludeFromIndexes": true });
+        insert(
+            Self::key(&self.changes, &[(CHANGE_KIND, &name)]),
+            properties([
+                ("at", wire::timestamp(now)),
+                ("kind", unindexed(kind)),
+                ("subject", unindexed(subject)),
+                ("key_id", unindexed(key_id)),
+            ]),
+        )
     }
 
     fn integration_key_path(&self, integration_id: &str, key_id: &str) -> Key {
@@ -316,6 +349,17 @@ impl Backend for DatastoreStore {
 
 #[async_trait]
 impl Admin for DatastoreStore {
+    fn change_feed(&self, interval: Duration) -> Box<dyn ChangeFeed> {
+        Box::new(DatastoreFeed {
+            client: self.client.clone(),
+            partition: self.changes.clone(),
+            interval,
+            since: None,
+            seen: HashMap::new(),
+            recovery: Recovery::default(),
+        })
+    }
+
     async fn create_integration_key(&self, new: &NewIntegrationKey) -> Result<bool, StoreError> {
         let meta_key = Self::key(&self.integrations, &[(INTEGRATION_KIND, &new.integration_id)]);
         let key_key = self.integration_key_path(&new.integration_id, &new.key_id);
@@ -482,6 +526,9 @@ impl Admin for DatastoreStore {
                 let count = keys.len();
                 let mut mutations: Vec<Value> = keys.into_iter().map(|e| json!({ "delete": e.key })).collect();
                 mutations.push(json!({ "delete": meta }));
+                mutations.push(self.publish(&Invalidation::Integration {
+                    integration_id: integration_id.to_owned(),
+                }));
                 Ok((count, mutations))
             }
         })
@@ -509,7 +556,11 @@ impl Admin for DatastoreStore {
                     KeyChange::Status(status) => entity.properties.insert("status".into(), wire::string(&status)),
                     KeyChange::Tier(tier) => entity.properties.insert("tier".into(), wire::integer(tier)),
                 };
-                Ok(((), vec![json!({ "update": entity })]))
+                let published = self.publish(&Invalidation::IntegrationKey {
+                    integration_id: integration_id.to_owned(),
+                    key_id: key_id.to_owned(),
+                });
+                Ok(((), vec![json!({ "update": entity }), published]))
             }
         })
         .await
@@ -523,7 +574,11 @@ impl Admin for DatastoreStore {
                 if !self.exists(&key, &tx).await? {
                     return Err(TxError::Store(key_not_found(integration_id, key_id)));
                 }
-                Ok(((), vec![json!({ "delete": key })]))
+                let published = self.publish(&Invalidation::IntegrationKey {
+                    integration_id: integration_id.to_owned(),
+                    key_id: key_id.to_owned(),
+                });
+                Ok(((), vec![json!({ "delete": key }), published]))
             }
         })
         .await
@@ -573,7 +628,13 @@ impl Admin for DatastoreStore {
                 [] => Err(TxError::Store(StoreError::NotFound(format!(
                     "a key with fingerprint {fingerprint} in organization {org}"
                 )))),
-                [one] => Ok(((), vec![json!({ "delete": one.key })])),
+                [one] => Ok((
+                    (),
+                    vec![
+                        json!({ "delete": one.key }),
+                        self.publish(&Invalidation::Organization { org: org.to_owned() }),
+                    ],
+                )),
                 _ => Err(TxError::Store(StoreError::Ambiguous(format!(
                     "{} keys of organization {org} start with {fingerprint}; give more of the fingerprint",
                     matches.len()
@@ -592,9 +653,105 @@ impl Admin for DatastoreStore {
                 let count = keys.len();
                 let mut mutations: Vec<Value> = keys.into_iter().map(|e| json!({ "delete": e.key })).collect();
                 mutations.push(json!({ "delete": org_key }));
+                mutations.push(self.publish(&Invalidation::Organization { org: org.to_owned() }));
                 Ok((count, mutations))
             }
         })
         .await
+    }
+}
+
+/// How far apart the clocks of admin machines may be: each poll reads back
+/// this far before the newest change seen, so a change stamped a little
+/// earlier by a slower clock is not skipped (repeats are recognised by name).
+const CLOCK_OVERLAP: Duration = Duration::from_secs(10);
+/// Changes read in one poll at most; the rest come with the next.
+const CHANGES_PER_POLL: i64 = 500;
+
+/// Polls the change kind by its `at` timestamp.
+struct DatastoreFeed {
+    client: Arc<Client>,
+    partition: PartitionId,
+    interval: Duration,
+    /// The newest change seen; `None` until the first read.
+    since: Option<OffsetDateTime>,
+    /// Changes seen within the overlap, by key name.
+    seen: HashMap<String, OffsetDateTime>,
+    recovery: Recovery,
+}
+
+impl DatastoreFeed {
+    fn query(&self, filter: Option<OffsetDateTime>, direction: &str, limit: i64) -> Value {
+        let mut query = json!({
+            "kind": [{ "name": CHANGE_KIND }],
+            "order": [{ "property": { "name": "at" }, "direction": direction }],
+            "limit": limit,
+        });
+        if let Some(from) = filter {
+            query["filter"] = json!({ "propertyFilter": {
+                "property": { "name": "at" },
+                "op": "GREATER_THAN_OR_EQUAL",
+                "value": wire::timestamp(from),
+            } });
+        }
+        query
+    }
+
+    async fn poll(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
+        let at =
+            |e: &Entity| OffsetDateTime::parse(&e.timestamp("at"), &time::format_description::well_known::Rfc3339).ok();
+        let Some(since) = self.since else {
+            // Start at the newest change: the cache is empty, nothing older matters.
+            let newest = self
+                .client
+                .run_query(&self.partition, self.query(None, "DESCENDING", 1))
+                .await?;
+            let newest = newest.batch.entity_results.first().and_then(|r| at(&r.entity));
+            self.since = Some(newest.unwrap_or(OffsetDateTime::UNIX_EPOCH));
+            return Ok(Vec::new());
+        };
+        let from = since - CLOCK_OVERLAP;
+        let page = self
+            .client
+            .run_query(&self.partition, self.query(Some(from), "ASCENDING", CHANGES_PER_POLL))
+            .await?;
+        let mut notices = Vec::new();
+        let mut newest = since;
+        for result in page.batch.entity_results {
+            let entity = result.entity;
+            let Some(name) = entity.key.name().map(str::to_owned) else {
+                continue;
+            };
+            if self.seen.contains_key(&name) {
+                continue;
+            }
+            let changed_at = at(&entity);
+            let text = |field: &str| entity.string(field).unwrap_or_default().to_owned();
+            notices.push(ChangeNotice {
+                what: Invalidation::from_parts(&text("kind"), &text("subject"), &text("key_id")),
+                at: changed_at,
+            });
+            let changed_at = changed_at.unwrap_or(newest);
+            newest = newest.max(changed_at);
+            self.seen.insert(name, changed_at);
+        }
+        self.since = Some(newest);
+        self.seen.retain(|_, at| *at >= newest - CLOCK_OVERLAP);
+        Ok(notices)
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for DatastoreFeed {
+    async fn next(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
+        if self.since.is_some() {
+            tokio::time::sleep(self.interval).await;
+        }
+        let result = self.poll().await;
+        self.recovery.observe(result)
+    }
+
+    fn recoveries(&self) -> u64 {
+        self.recovery.count()
     }
 }

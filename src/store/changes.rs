@@ -1,0 +1,188 @@
+//! Changes made by admin commands, published so that every running server
+//! drops what they made stale from its validation cache within seconds,
+//! instead of waiting out the cache TTL.
+//!
+//! Each store publishes in the same transaction as the change, so a change
+//! that commits is always published and one that rolls back never is:
+//!
+//! - SQLite: a row in `changes`, whose increasing `seq` the servers poll
+//!   about once a second (SQLite has one writer at a time, so rows commit in
+//!   `seq` order and a poll never skips one).
+//! - PostgreSQL: `NOTIFY`, delivered at commit to every listening server. A
+//!   listener that lost its connection cannot know what it missed, so it
+//!   reports [`Invalidation::Everything`] once it is back.
+//! - Datastore: an entity of kind [`CHANGE_KIND`] in a namespace of our own
+//!   (the kinds Go programs read get no new properties), polled about once a
+//!   second by its timestamp.
+//!
+//! A feed that failed and recovered also reports `Everything`: what changed
+//! during the failure may not be known.
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use super::StoreError;
+
+/// The Datastore kind of published changes.
+pub const CHANGE_KIND: &str = "TokenExchangeChange";
+
+/// The PostgreSQL notification channel.
+pub const PG_CHANNEL: &str = "token_exchange_changes";
+
+/// What a change may have made stale in a server's cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// One integration key: revoked, re-activated, re-tiered, rotated, deleted.
+    IntegrationKey { integration_id: String, key_id: String },
+    /// An integration and all its keys (deleted).
+    Integration { integration_id: String },
+    /// An autojoin organization's keys (one deleted, or the organization).
+    Organization { org: String },
+    /// Anything at all: what changed is not known.
+    Everything,
+}
+
+impl Invalidation {
+    /// The stored form: a kind and up to two names.
+    pub fn to_parts(&self) -> (&'static str, &str, &str) {
+        match self {
+            Self::IntegrationKey { integration_id, key_id } => ("integration_key", integration_id, key_id),
+            Self::Integration { integration_id } => ("integration", integration_id, ""),
+            Self::Organization { org } => ("organization", org, ""),
+            Self::Everything => ("everything", "", ""),
+        }
+    }
+
+    /// Reads the stored form back. A kind this version does not know (from
+    /// a newer one) could mean anything: it drops everything.
+    pub fn from_parts(kind: &str, first: &str, second: &str) -> Self {
+        match kind {
+            "integration_key" => Self::IntegrationKey {
+                integration_id: first.to_owned(),
+                key_id: second.to_owned(),
+            },
+            "integration" => Self::Integration {
+                integration_id: first.to_owned(),
+            },
+            "organization" => Self::Organization { org: first.to_owned() },
+            _ => Self::Everything,
+        }
+    }
+}
+
+/// One published change, as a server receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeNotice {
+    pub what: Invalidation,
+    /// When the change was committed (by the admin's clock), if known: the
+    /// lag histogram measures from here.
+    pub at: Option<OffsetDateTime>,
+}
+
+impl ChangeNotice {
+    /// `Everything`, now: after a feed lost track.
+    pub fn everything() -> Self {
+        Self {
+            what: Invalidation::Everything,
+            at: None,
+        }
+    }
+}
+
+/// The changes a store publishes, as one server follows them.
+#[async_trait]
+pub trait ChangeFeed: Send {
+    /// Waits for the next published changes (about a second at most, when
+    /// polling) and returns them, oldest first; possibly none. An error
+    /// means the store could not be read; the caller waits and calls again,
+    /// and the feed then reports [`Invalidation::Everything`] first.
+    async fn next(&mut self) -> Result<Vec<ChangeNotice>, StoreError>;
+
+    /// Times the feed reconnected or recovered from an error so far.
+    fn recoveries(&self) -> u64;
+}
+
+/// Wraps a feed's read so that the first success after a failure starts
+/// with `Everything`, and counts those recoveries.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    failed: bool,
+    recoveries: u64,
+}
+
+impl Recovery {
+    pub fn observe(&mut self, result: Result<Vec<ChangeNotice>, StoreError>) -> Result<Vec<ChangeNotice>, StoreError> {
+        match result {
+            Ok(mut notices) if self.failed => {
+                self.failed = false;
+                self.recoveries += 1;
+                notices.insert(0, ChangeNotice::everything());
+                Ok(notices)
+            }
+            Ok(notices) => Ok(notices),
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks the feed as having lost track (a dropped connection) even
+    /// though no read failed.
+    pub fn lost_track(&mut self) {
+        self.failed = true;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.recoveries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidations_round_trip_through_their_stored_form() {
+        for what in [
+            Invalidation::IntegrationKey {
+                integration_id: "acme".into(),
+                key_id: "ki_1".into(),
+            },
+            Invalidation::Integration {
+                integration_id: "acme".into(),
+            },
+            Invalidation::Organization { org: "mlab".into() },
+            Invalidation::Everything,
+        ] {
+            let (kind, first, second) = what.to_parts();
+            assert_eq!(Invalidation::from_parts(kind, first, second), what);
+        }
+        assert_eq!(
+            Invalidation::from_parts("from_a_newer_version", "x", "y"),
+            Invalidation::Everything
+        );
+    }
+
+    #[test]
+    fn the_first_success_after_a_failure_drops_everything() {
+        let one = || {
+            vec![ChangeNotice {
+                what: Invalidation::Organization { org: "o".into() },
+                at: None,
+            }]
+        };
+        let mut r = Recovery::default();
+        assert_eq!(r.observe(Ok(one())).unwrap(), one());
+        assert!(r.observe(Err(StoreError::Unavailable("down".into()))).is_err());
+        assert!(r.observe(Err(StoreError::Unavailable("down".into()))).is_err());
+        let after = r.observe(Ok(one())).unwrap();
+        assert_eq!(after[0].what, Invalidation::Everything);
+        assert_eq!(&after[1..], one().as_slice());
+        assert_eq!(r.observe(Ok(vec![])).unwrap(), vec![]);
+        assert_eq!(r.count(), 1);
+        r.lost_track();
+        assert_eq!(r.observe(Ok(vec![])).unwrap(), vec![ChangeNotice::everything()]);
+        assert_eq!(r.count(), 2);
+    }
+}
