@@ -99,7 +99,10 @@ async fn set_status(k: &KeyRef, status: &str) -> anyhow::Result<()> {
     } else {
         println!("Key {} of integration {} is now {status}.", k.key_id, k.integration_id);
         if status == STATUS_REVOKED {
-            println!("Servers refuse it once their cached verdict expires (--key-cache-ttl, 30 s by default).");
+            println!(
+                "Running servers refuse it within about a second (a server that cannot read published \
+                 changes: within --key-cache-ttl, 30 s by default)."
+            );
         }
     }
     Ok(())
