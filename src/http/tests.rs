@@ -303,6 +303,35 @@ async fn oversized_bodies_are_413() {
     assert_eq!(answer.status, StatusCode::OK);
 }
 
+/// Bodies whose size is not declared (chunked): too long is 413 once the
+/// limit is crossed, and one that breaks off mid-stream is 400.
+#[tokio::test]
+async fn undeclared_bodies_are_cut_off_at_the_limit() {
+    let f = fixture(Algorithm::EdDsa);
+    let (mut sender, streamed) = http_body_util::channel::Channel::<axum::body::Bytes, std::io::Error>::new(8);
+    tokio::spawn(async move {
+        for _ in 0..(MAX_BODY_BYTES / 1024 + 2) {
+            if sender
+                .send_data(axum::body::Bytes::from(vec![b' '; 1024]))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let answer = call(&f.state, Method::POST, "/v0/token/integration", Body::new(streamed)).await;
+    assert_refused(&answer, StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n");
+
+    let (mut sender, broken) = http_body_util::channel::Channel::<axum::body::Bytes, std::io::Error>::new(8);
+    tokio::spawn(async move {
+        let _ = sender.send_data(axum::body::Bytes::from_static(b"{\"api_key\":")).await;
+        sender.abort(std::io::Error::other("connection reset"));
+    });
+    let answer = call(&f.state, Method::POST, "/v0/token/integration", Body::new(broken)).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+}
+
 #[tokio::test]
 async fn wrong_methods_are_405() {
     let f = fixture(Algorithm::EdDsa);

@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -98,15 +97,11 @@ pub fn decode_token_request(body: &[u8]) -> Result<String, DecodeError> {
     }
 }
 
-fn read_key(body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge
-        } else {
-            ApiError::BadRequest(rejection.body_text())
-        }
-    })?;
-    decode_token_request(&body).map_err(|e| ApiError::BadRequest(e.to_string()))
+/// The body is already in memory: the limits middleware read it (and
+/// answered 413, 408 or 400 for one too large, too slow or broken), so
+/// taking it as `Bytes` cannot fail.
+fn read_key(body: &Bytes) -> Result<String, ApiError> {
+    decode_token_request(body).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 fn issue(state: &AppState, principal: Principal) -> Result<Response, ApiError> {
@@ -129,20 +124,14 @@ fn issue(state: &AppState, principal: Principal) -> Result<Response, ApiError> {
     Ok(response)
 }
 
-pub(super) async fn integration(
-    State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let key = read_key(body)?;
+pub(super) async fn integration(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let key = read_key(&body)?;
     let principal = state.validator.integration(&key).await?;
     issue(&state, principal)
 }
 
-pub(super) async fn autojoin(
-    State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let key = read_key(body)?;
+pub(super) async fn autojoin(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let key = read_key(&body)?;
     let principal = state.validator.autojoin(&key).await?;
     issue(&state, principal)
 }
