@@ -99,10 +99,10 @@ pub struct StoreArgs {
     /// Datastore namespace of client integrations and their keys.
     #[arg(long, env = "CLIENT_INTEGRATION_NS", default_value = "client-integration")]
     pub client_integration_ns: String,
-    /// Datastore namespace where admin commands publish their changes for
-    /// running servers (kind `TokenExchangeChange`); no Go program reads it.
-    #[arg(long, env = "CHANGES_NS", default_value = "token-exchange")]
-    pub changes_ns: String,
+    /// Datastore namespace of the kinds only this service reads and writes
+    /// (changes published for running servers); no Go program reads it.
+    #[arg(long = "token-exchange-ns", env = "TOKEN_EXCHANGE_NS", default_value = "token-exchange")]
+    pub own_ns: String,
     /// Limit on each store call (e.g. `2s`, `500ms`); past it the request
     /// gets a 503. Datastore reads that fail transiently are retried once
     /// within the request; SQL stores rely on their connection pool.
@@ -127,7 +127,7 @@ impl StoreArgs {
             project_id: self.project_id.clone(),
             platform_ns: self.platform_ns.clone(),
             client_integration_ns: self.client_integration_ns.clone(),
-            changes_ns: self.changes_ns.clone(),
+            own_ns: self.own_ns.clone(),
             timeout: self.store_timeout,
             max_connections: self.store_max_connections,
         }

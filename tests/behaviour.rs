@@ -784,7 +784,7 @@ async fn store_outages_serve_recent_keys_then_503_and_recover(backend: Backend) 
                     project_id: support::TEST_PROJECT.into(),
                     platform_ns: ws.store_args.platform_ns.clone(),
                     client_integration_ns: ws.store_args.client_integration_ns.clone(),
-                    changes_ns: ws.store_args.changes_ns.clone(),
+                    own_ns: ws.store_args.own_ns.clone(),
                     timeout: ws.store_args.store_timeout,
                     emulator_host: Some(host.clone()),
                 };

@@ -312,8 +312,8 @@ pub struct StoreSettings {
     pub platform_ns: String,
     /// Datastore namespace of client integrations and their keys.
     pub client_integration_ns: String,
-    /// Datastore namespace of published changes.
-    pub changes_ns: String,
+    /// Datastore namespace of this service's own kinds.
+    pub own_ns: String,
     /// Limit on each store call.
     pub timeout: std::time::Duration,
     /// Most PostgreSQL connections from this process.
@@ -408,7 +408,7 @@ pub async fn open(settings: impl Into<StoreSettings>) -> Result<Arc<dyn Store>, 
                 project_id: project,
                 platform_ns,
                 client_integration_ns,
-                changes_ns: settings.changes_ns.clone(),
+                own_ns: settings.own_ns.clone(),
                 timeout: settings.timeout,
                 emulator_host: emulator,
             })?;
@@ -428,7 +428,7 @@ mod location_tests {
             project_id: "p".into(),
             platform_ns: "platform-credentials".into(),
             client_integration_ns: "client-integration".into(),
-            changes_ns: "token-exchange".into(),
+            own_ns: "token-exchange".into(),
             timeout: std::time::Duration::from_secs(1),
             max_connections: 1,
         }

@@ -162,7 +162,7 @@ impl Workspace {
                 project_id: TEST_PROJECT.into(),
                 platform_ns: "platform-credentials".into(),
                 client_integration_ns: "client-integration".into(),
-                changes_ns: "token-exchange".into(),
+                own_ns: "token-exchange".into(),
                 store_timeout: Duration::from_secs(2),
                 store_max_connections: 4,
             },
@@ -176,7 +176,7 @@ impl Workspace {
                     project_id: TEST_PROJECT.into(),
                     platform_ns: "platform-credentials".into(),
                     client_integration_ns: "client-integration".into(),
-                    changes_ns: "token-exchange".into(),
+                    own_ns: "token-exchange".into(),
                     store_timeout: Duration::from_secs(2),
                     store_max_connections: 4,
                 }
@@ -191,7 +191,7 @@ impl Workspace {
                     project_id: TEST_PROJECT.into(),
                     platform_ns: unique("pc"),
                     client_integration_ns: unique("ci"),
-                    changes_ns: unique("ch"),
+                    own_ns: unique("ch"),
                     store_timeout: Duration::from_secs(2),
                     store_max_connections: 4,
                 }
@@ -206,8 +206,8 @@ impl Workspace {
             store_args.platform_ns.clone(),
             "--client-integration-ns".into(),
             store_args.client_integration_ns.clone(),
-            "--changes-ns".into(),
-            store_args.changes_ns.clone(),
+            "--token-exchange-ns".into(),
+            store_args.own_ns.clone(),
         ];
         let key_path = dir.path().join("jwk-priv.json");
         run_ok(&["keygen", "--alg", alg, "--out", key_path.to_str().unwrap()]);

@@ -69,7 +69,7 @@ impl Seeder {
             project_id: String::new(),
             platform_ns: String::new(),
             client_integration_ns: String::new(),
-            changes_ns: String::new(),
+            own_ns: String::new(),
             store_timeout: std::time::Duration::from_secs(2),
             store_max_connections: 1,
         };

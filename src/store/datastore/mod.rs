@@ -45,8 +45,8 @@ pub struct DatastoreConfig {
     pub platform_ns: String,
     /// Namespace of `IntegrationMeta` and `IntegrationAPIKey`.
     pub client_integration_ns: String,
-    /// Namespace of published changes ([`CHANGE_KIND`]).
-    pub changes_ns: String,
+    /// Namespace of this service's own kinds, such as [`CHANGE_KIND`].
+    pub own_ns: String,
     /// Limit on each call to Datastore.
     pub timeout: Duration,
     /// `host:port` of the emulator (`DATASTORE_EMULATOR_HOST`), if used.
@@ -58,7 +58,8 @@ pub struct DatastoreStore {
     client: Arc<Client>,
     platform: PartitionId,
     integrations: PartitionId,
-    changes: PartitionId,
+    /// This service's own namespace.
+    own: PartitionId,
 }
 
 impl From<CallError> for StoreError {
@@ -88,7 +89,7 @@ impl DatastoreStore {
             client: Arc::new(client),
             platform: partition(&config.platform_ns),
             integrations: partition(&config.client_integration_ns),
-            changes: partition(&config.changes_ns),
+            own: partition(&config.own_ns),
         })
     }
 
@@ -131,7 +132,7 @@ impl DatastoreStore {
         let (kind, subject, key_id) = what.to_parts();
         let unindexed = |text: &str| json!({ "stringValue": text, "excludeFromIndexes": true });
         insert(
-            Self::key(&self.changes, &[(CHANGE_KIND, &name)]),
+            Self::key(&self.own, &[(CHANGE_KIND, &name)]),
             properties([
                 ("at", wire::timestamp(now)),
                 ("kind", unindexed(kind)),
@@ -352,7 +353,7 @@ impl Admin for DatastoreStore {
     fn change_feed(&self, interval: Duration) -> Box<dyn ChangeFeed> {
         Box::new(DatastoreFeed {
             client: self.client.clone(),
-            partition: self.changes.clone(),
+            partition: self.own.clone(),
             interval,
             since: None,
             seen: HashMap::new(),
