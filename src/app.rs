@@ -41,6 +41,7 @@ impl AppState {
             metrics,
             health,
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
+            usage: Arc::default(),
             settings,
         }
     }

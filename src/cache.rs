@@ -28,8 +28,8 @@ use tokio::sync::OnceCell;
 
 use crate::claims::Principal;
 use crate::metrics::Metrics;
-use crate::store::StoreError;
 use crate::store::changes::Invalidation;
+use crate::store::{StoreError, UsageKey};
 
 /// A monotonic clock, so tests can move time instead of sleeping.
 pub trait Clock: Send + Sync {
@@ -112,10 +112,20 @@ impl Default for CacheSettings {
     }
 }
 
+/// What a valid key grants: the identity its tokens speak for, until when
+/// (the key's expiry; tokens never outlive it), and which key its usage is
+/// counted against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub principal: Principal,
+    pub expires_at: Option<time::OffsetDateTime>,
+    pub usage: UsageKey,
+}
+
 /// What the store said about a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    Valid(Principal),
+    Valid(Grant),
     /// Refused; the reason is for the log and never names the key.
     Invalid(String),
 }
@@ -343,7 +353,7 @@ impl KeyCache {
         let affected: Vec<CacheKey> = valid
             .iter()
             .filter(|(_, entry)| match &entry.verdict {
-                Verdict::Valid(principal) => covers(what, principal),
+                Verdict::Valid(grant) => covers(what, &grant.principal),
                 Verdict::Invalid(_) => false,
             })
             .map(|(key, _)| *key)
@@ -390,7 +400,13 @@ mod tests {
     use super::*;
 
     fn valid(org: &str) -> Verdict {
-        Verdict::Valid(Principal::Autojoin { org: org.into() })
+        Verdict::Valid(Grant {
+            principal: Principal::Autojoin { org: org.into() },
+            expires_at: None,
+            usage: UsageKey::Autojoin {
+                key_hash: format!("hash of a key of {org}"),
+            },
+        })
     }
 
     struct Fixture {
@@ -594,10 +610,17 @@ mod tests {
     }
 
     fn integration(int_id: &str, key_id: &str) -> Verdict {
-        Verdict::Valid(Principal::Integration {
-            int_id: int_id.into(),
-            key_id: key_id.into(),
-            tier: 0,
+        Verdict::Valid(Grant {
+            principal: Principal::Integration {
+                int_id: int_id.into(),
+                key_id: key_id.into(),
+                tier: 0,
+            },
+            expires_at: None,
+            usage: UsageKey::Integration {
+                integration_id: int_id.into(),
+                key_id: key_id.into(),
+            },
         })
     }
 

@@ -86,6 +86,18 @@ impl Claims {
     }
 }
 
+impl Claims {
+    /// Caps `exp` at `limit` (a key's expiry): a token never outlives the
+    /// key it was bought with.
+    pub fn not_after(mut self, limit: Option<time::OffsetDateTime>) -> Self {
+        if let Some(limit) = limit {
+            let limit = u64::try_from(limit.unix_timestamp()).unwrap_or(0);
+            self.exp = self.exp.min(limit);
+        }
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,6 +71,69 @@ pub enum Command {
     /// Bring a SQL store's schema up to date, then exit (`serve` and every
     /// admin command also do this when they open the store).
     Migrate(MigrateArgs),
+    /// Read the audit log of admin changes.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List audit records, oldest first: who changed which key, from what
+    /// to what (never a secret).
+    List(AuditListArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditListArgs {
+    /// Only records from this time on: RFC 3339 (`2026-11-01T00:00:00Z`)
+    /// or a duration ago (`24h`, `7d`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only records about this integration.
+    #[arg(long)]
+    pub integration_id: Option<String>,
+    /// Only records about this autojoin organization.
+    #[arg(long)]
+    pub org: Option<String>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// When a new key expires: in a while, at an instant, or never (neither).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ExpiryArgs {
+    /// The key expires this long from now (`90d`, `12h`).
+    #[arg(long, value_parser = parse_duration, conflicts_with = "expires_at")]
+    pub expires_in: Option<Duration>,
+    /// The key expires at this instant (RFC 3339, such as `2027-01-31T00:00:00Z`).
+    #[arg(long, value_parser = parse_instant)]
+    pub expires_at: Option<time::OffsetDateTime>,
+}
+
+impl ExpiryArgs {
+    /// The expiry these flags give; `None` when neither is set.
+    pub fn expiry(&self) -> Result<Option<time::OffsetDateTime>, String> {
+        let at = match (self.expires_in, self.expires_at) {
+            (Some(d), _) => {
+                let d = time::Duration::try_from(d).map_err(|e| format!("--expires-in: {e}"))?;
+                Some(time::OffsetDateTime::now_utc() + d)
+            }
+            (None, at) => at,
+        };
+        if at.is_some_and(|t| t <= time::OffsetDateTime::now_utc()) {
+            return Err("the expiry is not in the future".into());
+        }
+        Ok(at)
+    }
+}
+
+/// An RFC 3339 instant.
+pub fn parse_instant(text: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("{text:?} is not an RFC 3339 time like 2027-01-31T00:00:00Z: {e}"))
 }
 
 #[derive(Debug, Clone, Args)]
@@ -101,7 +164,11 @@ pub struct StoreArgs {
     pub client_integration_ns: String,
     /// Datastore namespace of the kinds only this service reads and writes
     /// (changes published for running servers); no Go program reads it.
-    #[arg(long = "token-exchange-ns", env = "TOKEN_EXCHANGE_NS", default_value = "token-exchange")]
+    #[arg(
+        long = "token-exchange-ns",
+        env = "TOKEN_EXCHANGE_NS",
+        default_value = "token-exchange"
+    )]
     pub own_ns: String,
     /// Limit on each store call (e.g. `2s`, `500ms`); past it the request
     /// gets a 503. Datastore reads that fail transiently are retried once
@@ -119,6 +186,23 @@ impl std::fmt::Debug for StoreArgs {
     }
 }
 
+/// Who runs this process, for the audit log: the OS user, and the service
+/// account of a Google credentials file when one is set (the principal
+/// Datastore sees). Never a secret from that file.
+pub fn operator() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown user".to_owned());
+    let account = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS")
+        .and_then(|path| std::fs::read(path).ok())
+        .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok())
+        .and_then(|v| v.get("client_email")?.as_str().map(str::to_owned));
+    match account {
+        Some(account) => format!("{user} ({account})"),
+        None => user,
+    }
+}
+
 impl StoreArgs {
     /// The store's settings these flags describe, defaults applied.
     pub fn settings(&self) -> StoreSettings {
@@ -129,6 +213,7 @@ impl StoreArgs {
             client_integration_ns: self.client_integration_ns.clone(),
             own_ns: self.own_ns.clone(),
             timeout: self.store_timeout,
+            operator: operator(),
             max_connections: self.store_max_connections,
         }
     }
@@ -155,7 +240,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown unit {other:?}; use ms, s, m or h")),
+        "d" => value * 86_400.0,
+        other => return Err(format!("unknown unit {other:?}; use ms, s, m, h or d")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
@@ -219,6 +305,10 @@ pub struct ServeArgs {
     /// is refused by every server within about this long (plus the poll).
     #[arg(long, env = "CHANGES_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub changes_poll_interval: Duration,
+    /// How often each key's last use and token count are written to the
+    /// store (one batch for all keys used since).
+    #[arg(long, env = "USAGE_FLUSH_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub usage_flush_interval: Duration,
     /// How long a valid key is trusted without asking the store again: the
     /// longest a revoked key keeps working when the change is not published
     /// (another program wrote it) or the change feed is down. `0` disables
@@ -344,8 +434,8 @@ pub enum IntegrationCommand {
     /// Create a key for an integration, creating the integration if needed.
     /// Prints the API key; it cannot be shown again.
     Create(IntegrationCreateArgs),
-    /// List the integrations.
-    List(ListArgs),
+    /// List the integrations (or, with --unused-for, the keys not used lately).
+    List(IntegrationListArgs),
     /// Show an integration's keys (never their secrets or hashes).
     Show(IntegrationRef),
     /// Delete an integration and all its keys.
@@ -360,6 +450,16 @@ pub struct ListArgs {
     pub json: bool,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct IntegrationListArgs {
+    #[command(flatten)]
+    pub list: ListArgs,
+    /// List instead every key that issued no token for this long (`30d`);
+    /// a key never used counts from its creation.
+    #[arg(long, value_parser = parse_duration)]
+    pub unused_for: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -382,6 +482,8 @@ pub enum KeyCommand {
     Activate(KeyRef),
     /// Change the key's tier (the `tier` claim).
     SetTier(SetTierArgs),
+    /// Set when the key expires, or (`--never`) that it does not.
+    SetExpiry(SetKeyExpiryArgs),
     /// Delete the key.
     Delete(KeyRef),
     /// Create a new active key with the same tier and description, and print
@@ -403,6 +505,39 @@ pub struct KeyRef {
     pub json: bool,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+/// A new expiry: one of --expires-in, --expires-at or --never.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false, id = "new_expiry")]
+pub struct NewExpiryArgs {
+    /// The key expires this long from now (`90d`, `12h`).
+    #[arg(long, value_parser = parse_duration)]
+    pub expires_in: Option<Duration>,
+    /// The key expires at this instant (RFC 3339).
+    #[arg(long, value_parser = parse_instant)]
+    pub expires_at: Option<time::OffsetDateTime>,
+    /// The key never expires.
+    #[arg(long)]
+    pub never: bool,
+}
+
+impl NewExpiryArgs {
+    pub fn expiry(&self) -> Result<Option<time::OffsetDateTime>, String> {
+        ExpiryArgs {
+            expires_in: self.expires_in,
+            expires_at: self.expires_at,
+        }
+        .expiry()
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SetKeyExpiryArgs {
+    #[command(flatten)]
+    pub key: KeyRef,
+    #[command(flatten)]
+    pub expiry: NewExpiryArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -431,6 +566,8 @@ pub struct IntegrationCreateArgs {
     /// Description of the key.
     #[arg(long, default_value = "")]
     pub key_description: String,
+    #[command(flatten)]
+    pub expiry: ExpiryArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -444,13 +581,16 @@ pub enum AutojoinCommand {
     CreateOrg(CreateOrgArgs),
     /// Create an API key for an existing organization. Prints the key; it
     /// cannot be shown again.
-    CreateKey(OrgRef),
+    CreateKey(CreateAutojoinKeyArgs),
     /// List the organizations.
     ListOrgs(ListArgs),
     /// List an organization's keys, by fingerprint (never the key).
     ListKeys(OrgRef),
     /// Delete one key of an organization, named by its fingerprint.
     DeleteKey(DeleteAutojoinKeyArgs),
+    /// Set when a key of an organization expires, or (`--never`) that it
+    /// does not.
+    SetExpiry(SetAutojoinExpiryArgs),
     /// Delete an organization and all its keys.
     DeleteOrg(OrgRef),
 }
@@ -465,6 +605,25 @@ pub struct OrgRef {
     pub json: bool,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CreateAutojoinKeyArgs {
+    #[command(flatten)]
+    pub org: OrgRef,
+    #[command(flatten)]
+    pub expiry: ExpiryArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SetAutojoinExpiryArgs {
+    #[command(flatten)]
+    pub org: OrgRef,
+    /// The key's fingerprint as `autojoin list-keys` shows it.
+    #[arg(long)]
+    pub fingerprint: String,
+    #[command(flatten)]
+    pub expiry: NewExpiryArgs,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -45,4 +45,5 @@ pub mod rotation;
 pub mod signing;
 pub mod store;
 pub mod telemetry;
+pub mod usage;
 pub mod validate;

@@ -11,9 +11,9 @@
 use std::sync::Arc;
 
 use crate::api_key::{AutojoinApiKey, IntegrationApiKey};
-use crate::cache::{KeyCache, Verdict, cache_key};
+use crate::cache::{Grant, KeyCache, Verdict, cache_key};
 use crate::claims::Principal;
-use crate::store::{AutojoinKeys, IntegrationKeys, STATUS_ACTIVE, StoreError};
+use crate::store::{AutojoinKeys, IntegrationKeys, STATUS_ACTIVE, StoreError, UsageKey};
 
 /// Why a key did not yield a principal.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +55,7 @@ impl Validator {
 
     /// Checks a client-integration key: well formed, known, active, and its
     /// secret hashes to the stored hash.
-    pub async fn integration(&self, presented: &str) -> Result<Principal, Rejection> {
+    pub async fn integration(&self, presented: &str) -> Result<Grant, Rejection> {
         let key: IntegrationApiKey = presented
             .parse()
             .map_err(|e: crate::api_key::ParseError| Rejection::Invalid(e.to_string()))?;
@@ -96,15 +96,22 @@ impl Validator {
                 key.integration_id()
             )));
         }
-        Ok(Verdict::Valid(Principal::Integration {
-            int_id: key.integration_id().to_owned(),
-            key_id: key.key_id().to_owned(),
-            tier: record.tier,
+        Ok(Verdict::Valid(Grant {
+            principal: Principal::Integration {
+                int_id: key.integration_id().to_owned(),
+                key_id: key.key_id().to_owned(),
+                tier: record.tier,
+            },
+            expires_at: record.expires_at,
+            usage: UsageKey::Integration {
+                integration_id: key.integration_id().to_owned(),
+                key_id: key.key_id().to_owned(),
+            },
         }))
     }
 
     /// Checks an autojoin key: bounded, and held by an organization.
-    pub async fn autojoin(&self, presented: &str) -> Result<Principal, Rejection> {
+    pub async fn autojoin(&self, presented: &str) -> Result<Grant, Rejection> {
         let key: AutojoinApiKey = presented
             .parse()
             .map_err(|e: crate::api_key::AutojoinKeyError| Rejection::Invalid(e.to_string()))?;
@@ -112,7 +119,13 @@ impl Validator {
             .cache
             .verdict(cache_key(AUTOJOIN, presented), || async {
                 Ok(match self.autojoin.autojoin_org(&key).await? {
-                    Some(org) => Verdict::Valid(Principal::Autojoin { org }),
+                    Some(record) => Verdict::Valid(Grant {
+                        principal: Principal::Autojoin { org: record.org },
+                        expires_at: record.expires_at,
+                        usage: UsageKey::Autojoin {
+                            key_hash: key.secret().sha256_hex(),
+                        },
+                    }),
                     None => Verdict::Invalid(format!("unknown autojoin key (fingerprint {})", key.fingerprint())),
                 })
             })
@@ -122,9 +135,9 @@ impl Validator {
     }
 }
 
-fn into_result(verdict: Verdict) -> Result<Principal, Rejection> {
+fn into_result(verdict: Verdict) -> Result<Grant, Rejection> {
     match verdict {
-        Verdict::Valid(principal) => Ok(principal),
+        Verdict::Valid(grant) => Ok(grant),
         Verdict::Invalid(why) => Err(Rejection::Invalid(why)),
     }
 }

@@ -914,7 +914,16 @@ async fn the_key_lifecycle_from_the_cli(backend: Backend) {
     assert_eq!(keys.len(), 2);
     assert_eq!(
         claim_names(&keys[0]),
-        ["created_at", "description", "key_id", "status", "tier"]
+        [
+            "created_at",
+            "description",
+            "expires_at",
+            "key_id",
+            "last_used_at",
+            "status",
+            "tier",
+            "tokens_issued"
+        ]
     );
     assert_eq!(
         (

@@ -8,7 +8,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::api_key::{self, AutojoinApiKey, IntegrationApiKey, KEY_ID_PREFIX};
-use crate::config::{CreateOrgArgs, IntegrationCreateArgs, OrgRef, StoreArgs};
+use crate::config::{CreateAutojoinKeyArgs, CreateOrgArgs, IntegrationCreateArgs, StoreArgs};
 use crate::store::{self, NewIntegrationKey, Store};
 
 /// Opens the store and says which one on stderr (stdout carries only the
@@ -37,6 +37,7 @@ pub async fn create_integration_key(
     tier: i64,
     integration_description: &str,
     key_description: &str,
+    expires_at: Option<OffsetDateTime>,
 ) -> anyhow::Result<(IntegrationApiKey, bool)> {
     api_key::check_new_id(integration_id, api_key::MAX_INTEGRATION_ID_LEN)
         .map_err(|why| anyhow::anyhow!("--integration-id {why}"))?;
@@ -53,12 +54,14 @@ pub async fn create_integration_key(
             key_description: key_description.to_owned(),
             tier,
             created_at: OffsetDateTime::now_utc(),
+            expires_at,
         })
         .await?;
     Ok((key, created))
 }
 
 pub(super) async fn integration_create(args: &IntegrationCreateArgs) -> anyhow::Result<()> {
+    let expires_at = args.expiry.expiry().map_err(anyhow::Error::msg)?;
     let store = open(&args.store).await?;
     let (key, created) = create_integration_key(
         store.as_ref(),
@@ -67,18 +70,20 @@ pub(super) async fn integration_create(args: &IntegrationCreateArgs) -> anyhow::
         args.tier,
         &args.integration_description,
         &args.key_description,
+        expires_at,
     )
     .await?;
     let api_key = key.to_secret_string();
     if args.json {
-        println!(
-            "{}",
-            json!({
-                "integration_id": key.integration_id(),
-                "key_id": key.key_id(),
-                "api_key": api_key.expose(),
-            })
-        );
+        let mut out = json!({
+            "integration_id": key.integration_id(),
+            "key_id": key.key_id(),
+            "api_key": api_key.expose(),
+        });
+        if let Some(at) = expires_at {
+            out["expires_at"] = json!(store::rfc3339(at));
+        }
+        println!("{out}");
     } else {
         if created {
             println!("Created integration {}.", key.integration_id());
@@ -89,6 +94,9 @@ pub(super) async fn integration_create(args: &IntegrationCreateArgs) -> anyhow::
             args.tier,
             key.integration_id()
         );
+        if let Some(at) = expires_at {
+            println!("It expires at {}.", store::rfc3339(at));
+        }
         println!("API key (shown only now; store it securely):");
         println!("{}", api_key.expose());
     }
@@ -113,17 +121,29 @@ pub(super) async fn autojoin_create_org(args: &CreateOrgArgs) -> anyhow::Result<
 }
 
 /// Creates an autojoin key for an existing organization.
-pub async fn create_autojoin_key(store: &dyn Store, org: &str) -> anyhow::Result<AutojoinApiKey> {
+pub async fn create_autojoin_key(
+    store: &dyn Store,
+    org: &str,
+    expires_at: Option<OffsetDateTime>,
+) -> anyhow::Result<AutojoinApiKey> {
     let key = AutojoinApiKey::generate();
-    store.create_autojoin_key(org, &key, OffsetDateTime::now_utc()).await?;
+    store
+        .create_autojoin_key(org, &key, OffsetDateTime::now_utc(), expires_at)
+        .await?;
     Ok(key)
 }
 
-pub(super) async fn autojoin_create_key(args: &OrgRef) -> anyhow::Result<()> {
+pub(super) async fn autojoin_create_key(create: &CreateAutojoinKeyArgs) -> anyhow::Result<()> {
+    let expires_at = create.expiry.expiry().map_err(anyhow::Error::msg)?;
+    let args = &create.org;
     let store = open(&args.store).await?;
-    let key = create_autojoin_key(store.as_ref(), &args.org).await?;
+    let key = create_autojoin_key(store.as_ref(), &args.org, expires_at).await?;
     if args.json {
-        println!("{}", json!({ "org": args.org, "api_key": key.secret().expose() }));
+        let mut out = json!({ "org": args.org, "api_key": key.secret().expose() });
+        if let Some(at) = expires_at {
+            out["expires_at"] = json!(store::rfc3339(at));
+        }
+        println!("{out}");
     } else {
         println!(
             "Created a key (fingerprint {}) for organization {}.",

@@ -3,9 +3,19 @@
 
 use serde_json::json;
 
+use time::OffsetDateTime;
+
 use super::admin::{create_integration_key, open};
-use crate::config::{DeleteAutojoinKeyArgs, IntegrationRef, KeyCommand, KeyRef, ListArgs, OrgRef, SetTierArgs};
-use crate::store::{KeyChange, STATUS_ACTIVE, STATUS_REVOKED};
+use crate::config::{
+    AuditListArgs, DeleteAutojoinKeyArgs, IntegrationListArgs, IntegrationRef, KeyCommand, KeyRef, ListArgs, OrgRef,
+    SetAutojoinExpiryArgs, SetKeyExpiryArgs, SetTierArgs, parse_duration, parse_instant,
+};
+use crate::store::{AuditFilter, KeyChange, STATUS_ACTIVE, STATUS_REVOKED, rfc3339};
+
+/// An optional time as a table cell.
+fn cell(t: Option<&str>) -> String {
+    t.unwrap_or("-").to_owned()
+}
 
 /// Prints rows under headers, each column as wide as its widest cell.
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {
@@ -25,7 +35,11 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-pub(super) async fn integration_list(args: &ListArgs) -> anyhow::Result<()> {
+pub(super) async fn integration_list(list_args: &IntegrationListArgs) -> anyhow::Result<()> {
+    if let Some(unused_for) = list_args.unused_for {
+        return unused_keys(&list_args.list, unused_for).await;
+    }
+    let args = &list_args.list;
     let list = open(&args.store).await?.list_integrations().await?;
     if args.json {
         println!("{}", json!({ "integrations": list }));
@@ -37,6 +51,53 @@ pub(super) async fn integration_list(args: &ListArgs) -> anyhow::Result<()> {
             .map(|i| vec![i.integration_id, i.created_at, i.description])
             .collect();
         print_table(&["INTEGRATION", "CREATED", "DESCRIPTION"], &rows);
+    }
+    Ok(())
+}
+
+/// Keys that issued no token for `unused_for` (counting from creation for
+/// keys never used): the candidates to retire.
+async fn unused_keys(args: &ListArgs, unused_for: std::time::Duration) -> anyhow::Result<()> {
+    let store = open(&args.store).await?;
+    let cutoff = rfc3339(OffsetDateTime::now_utc() - time::Duration::try_from(unused_for)?);
+    let mut unused = Vec::new();
+    for integration in store.list_integrations().await? {
+        for key in store.list_integration_keys(&integration.integration_id).await? {
+            // RFC 3339 in UTC compares as text only at equal precision, so
+            // compare instants.
+            let last = key.last_used_at.as_deref().unwrap_or(&key.created_at);
+            let idle = match (parse_instant(last), parse_instant(&cutoff)) {
+                (Ok(last), Ok(cutoff)) => last < cutoff,
+                _ => true,
+            };
+            if idle {
+                unused.push((integration.integration_id.clone(), key));
+            }
+        }
+    }
+    if args.json {
+        let keys: Vec<_> = unused
+            .iter()
+            .map(|(id, k)| {
+                json!({
+                    "integration_id": id,
+                    "key_id": k.key_id,
+                    "status": k.status,
+                    "created_at": k.created_at,
+                    "last_used_at": k.last_used_at,
+                    "tokens_issued": k.tokens_issued,
+                })
+            })
+            .collect();
+        println!("{}", json!({ "unused_keys": keys, "since": cutoff }));
+    } else if unused.is_empty() {
+        println!("Every key issued a token since {cutoff}.");
+    } else {
+        let rows: Vec<Vec<String>> = unused
+            .into_iter()
+            .map(|(id, k)| vec![id, k.key_id, k.status, cell(k.last_used_at.as_deref()), k.created_at])
+            .collect();
+        print_table(&["INTEGRATION", "KEY", "STATUS", "LAST USED", "CREATED"], &rows);
     }
     Ok(())
 }
@@ -53,9 +114,32 @@ pub(super) async fn integration_show(args: &IntegrationRef) -> anyhow::Result<()
     } else {
         let rows: Vec<Vec<String>> = keys
             .into_iter()
-            .map(|k| vec![k.key_id, k.status, k.tier.to_string(), k.created_at, k.description])
+            .map(|k| {
+                vec![
+                    k.key_id,
+                    k.status,
+                    k.tier.to_string(),
+                    k.created_at,
+                    cell(k.expires_at.as_deref()),
+                    cell(k.last_used_at.as_deref()),
+                    k.tokens_issued.to_string(),
+                    k.description,
+                ]
+            })
             .collect();
-        print_table(&["KEY", "STATUS", "TIER", "CREATED", "DESCRIPTION"], &rows);
+        print_table(
+            &[
+                "KEY",
+                "STATUS",
+                "TIER",
+                "CREATED",
+                "EXPIRES",
+                "LAST USED",
+                "TOKENS",
+                "DESCRIPTION",
+            ],
+            &rows,
+        );
     }
     Ok(())
 }
@@ -81,6 +165,7 @@ pub(super) async fn key(command: &KeyCommand) -> anyhow::Result<()> {
         KeyCommand::Revoke(k) => set_status(k, STATUS_REVOKED).await,
         KeyCommand::Activate(k) => set_status(k, STATUS_ACTIVE).await,
         KeyCommand::SetTier(args) => set_tier(args).await,
+        KeyCommand::SetExpiry(args) => set_key_expiry(args).await,
         KeyCommand::Delete(k) => delete_key(k).await,
         KeyCommand::Rotate(k) => rotate(k).await,
     }
@@ -128,6 +213,34 @@ async fn set_tier(args: &SetTierArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn set_key_expiry(args: &SetKeyExpiryArgs) -> anyhow::Result<()> {
+    let k = &args.key;
+    let expires_at = args.expiry.expiry().map_err(anyhow::Error::msg)?;
+    open(&k.store)
+        .await?
+        .update_integration_key(&k.integration_id, &k.key_id, KeyChange::Expiry(expires_at))
+        .await?;
+    let expires_at = expires_at.map(rfc3339);
+    if k.json {
+        println!(
+            "{}",
+            json!({ "integration_id": k.integration_id, "key_id": k.key_id, "expires_at": expires_at })
+        );
+    } else {
+        match expires_at {
+            Some(at) => println!(
+                "Key {} of integration {} now expires at {at}.",
+                k.key_id, k.integration_id
+            ),
+            None => println!(
+                "Key {} of integration {} now never expires.",
+                k.key_id, k.integration_id
+            ),
+        }
+    }
+    Ok(())
+}
+
 async fn delete_key(k: &KeyRef) -> anyhow::Result<()> {
     open(&k.store)
         .await?
@@ -147,8 +260,23 @@ async fn delete_key(k: &KeyRef) -> anyhow::Result<()> {
 async fn rotate(k: &KeyRef) -> anyhow::Result<()> {
     let store = open(&k.store).await?;
     let old = store.get_integration_key(&k.integration_id, &k.key_id).await?;
-    let (new, _) =
-        create_integration_key(store.as_ref(), &k.integration_id, None, old.tier, "", &old.description).await?;
+    // The replacement expires when the old key does.
+    let expires_at = old
+        .expires_at
+        .as_deref()
+        .map(parse_instant)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let (new, _) = create_integration_key(
+        store.as_ref(),
+        &k.integration_id,
+        None,
+        old.tier,
+        "",
+        &old.description,
+        expires_at,
+    )
+    .await?;
     let api_key = new.to_secret_string();
     if k.json {
         println!(
@@ -203,8 +331,19 @@ pub(super) async fn autojoin_list_keys(args: &OrgRef) -> anyhow::Result<()> {
     } else if keys.is_empty() {
         println!("Organization {} has no keys.", args.org);
     } else {
-        let rows: Vec<Vec<String>> = keys.into_iter().map(|k| vec![k.fingerprint, k.created_at]).collect();
-        print_table(&["FINGERPRINT", "CREATED"], &rows);
+        let rows: Vec<Vec<String>> = keys
+            .into_iter()
+            .map(|k| {
+                vec![
+                    k.fingerprint,
+                    k.created_at,
+                    cell(k.expires_at.as_deref()),
+                    cell(k.last_used_at.as_deref()),
+                    k.tokens_issued.to_string(),
+                ]
+            })
+            .collect();
+        print_table(&["FINGERPRINT", "CREATED", "EXPIRES", "LAST USED", "TOKENS"], &rows);
     }
     Ok(())
 }
@@ -232,6 +371,83 @@ pub(super) async fn autojoin_delete_org(args: &OrgRef) -> anyhow::Result<()> {
         println!("{}", json!({ "org": args.org, "deleted_keys": deleted }));
     } else {
         println!("Deleted organization {} and its {deleted} key(s).", args.org);
+    }
+    Ok(())
+}
+
+pub(super) async fn autojoin_set_expiry(args: &SetAutojoinExpiryArgs) -> anyhow::Result<()> {
+    let org = &args.org;
+    let expires_at = args.expiry.expiry().map_err(anyhow::Error::msg)?;
+    open(&org.store)
+        .await?
+        .set_autojoin_expiry(&org.org, &args.fingerprint, expires_at)
+        .await?;
+    let expires_at = expires_at.map(rfc3339);
+    if org.json {
+        println!(
+            "{}",
+            json!({ "org": org.org, "fingerprint": args.fingerprint, "expires_at": expires_at })
+        );
+    } else {
+        match expires_at {
+            Some(at) => println!(
+                "The key {} of organization {} now expires at {at}.",
+                args.fingerprint, org.org
+            ),
+            None => println!(
+                "The key {} of organization {} now never expires.",
+                args.fingerprint, org.org
+            ),
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn audit_list(args: &AuditListArgs) -> anyhow::Result<()> {
+    let since = match args.since.as_deref() {
+        None => None,
+        Some(text) => Some(match parse_instant(text) {
+            Ok(at) => at,
+            Err(_) => {
+                let ago = parse_duration(text)
+                    .map_err(|_| anyhow::anyhow!("--since {text:?} is neither an RFC 3339 time nor a duration"))?;
+                OffsetDateTime::now_utc() - time::Duration::try_from(ago)?
+            }
+        }),
+    };
+    let filter = AuditFilter {
+        since,
+        integration_id: args.integration_id.clone(),
+        org: args.org.clone(),
+    };
+    let records = open(&args.store).await?.audit_log(&filter).await?;
+    if args.json {
+        println!("{}", json!({ "records": records }));
+    } else if records.is_empty() {
+        println!("No audit records.");
+    } else {
+        let text = |v: &Option<serde_json::Value>| v.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string);
+        let rows: Vec<Vec<String>> = records
+            .iter()
+            .map(|r| {
+                let subject = match (&r.integration_id, &r.key_id, &r.org, &r.fingerprint) {
+                    (Some(i), Some(k), _, _) => format!("{i}/{k}"),
+                    (Some(i), None, _, _) => i.clone(),
+                    (_, _, Some(o), Some(f)) => format!("{o}/{f}"),
+                    (_, _, Some(o), None) => o.clone(),
+                    _ => "-".to_owned(),
+                };
+                vec![
+                    r.at.clone(),
+                    r.operator.clone(),
+                    r.action.clone(),
+                    subject,
+                    text(&r.before),
+                    text(&r.after),
+                ]
+            })
+            .collect();
+        print_table(&["TIME", "OPERATOR", "ACTION", "SUBJECT", "BEFORE", "AFTER"], &rows);
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ mod keygen;
 mod lifecycle;
 mod serve;
 
-use crate::config::{AutojoinCommand, Cli, Command, IntegrationCommand};
+use crate::config::{AuditCommand, AutojoinCommand, Cli, Command, IntegrationCommand};
 
 /// Runs the chosen subcommand.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -36,5 +36,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Autojoin(AutojoinCommand::ListKeys(args)) => lifecycle::autojoin_list_keys(&args).await,
         Command::Autojoin(AutojoinCommand::DeleteKey(args)) => lifecycle::autojoin_delete_key(&args).await,
         Command::Autojoin(AutojoinCommand::DeleteOrg(args)) => lifecycle::autojoin_delete_org(&args).await,
+        Command::Autojoin(AutojoinCommand::SetExpiry(args)) => lifecycle::autojoin_set_expiry(&args).await,
+        Command::Audit(AuditCommand::List(args)) => lifecycle::audit_list(&args).await,
     }
 }

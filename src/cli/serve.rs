@@ -44,7 +44,14 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let active_kid = keys.active().kid().to_owned();
     let published: Vec<String> = keys.kids().into_iter().map(str::to_owned).collect();
     let feed = store.change_feed(args.changes_poll_interval);
+    let usage_store: Arc<dyn store::Admin> = store.clone();
     let state = AppState::new(Arc::new(keys), store, args.settings());
+    tokio::spawn(crate::usage::flush_every(
+        state.usage.clone(),
+        usage_store.clone(),
+        args.usage_flush_interval.max(std::time::Duration::from_millis(100)),
+        args.store.store_timeout * 2,
+    ));
     tokio::spawn(crate::invalidation::follow(
         feed,
         state.validator.cache().clone(),
@@ -59,6 +66,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let bind = |at: ListenAddress| async move { at.bind().await.with_context(|| format!("cannot listen on {at}")) };
     let api = bind(args.listen_addr()).await?;
     let metrics = bind(args.metrics_addr()).await?;
+    let state_usage = state.usage.clone();
     let app = Application::with_listeners(api, metrics, state);
     // Before saying where we listen: from then on, a stop signal must stop
     // the server gracefully.
@@ -78,6 +86,10 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         print_dev_instructions(app.port(), &demo);
     }
     app.run_until_stopped(stop).await?;
+    // What was counted since the last flush, so a restart loses no usage.
+    if let Err(e) = crate::usage::flush(&state_usage, usage_store.as_ref(), args.store.store_timeout * 2).await {
+        tracing::warn!(error = %e, "could not write the last key usage before stopping");
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -135,6 +147,7 @@ async fn dev_demo_keys(store: &dyn Store, data_dir: &Path) -> anyhow::Result<Dem
             0,
             "created by serve --dev",
             "demo key created by serve --dev",
+            None,
         )
         .await?;
         write_private_file(&data_dir.join(DEMO_INTEGRATION_FILE), key.to_secret_string().expose())?;
@@ -145,7 +158,7 @@ async fn dev_demo_keys(store: &dyn Store, data_dir: &Path) -> anyhow::Result<Dem
             Ok(()) | Err(store::StoreError::AlreadyExists(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        let org_key = super::admin::create_autojoin_key(store, "demo").await?;
+        let org_key = super::admin::create_autojoin_key(store, "demo", None).await?;
         write_private_file(&data_dir.join(DEMO_AUTOJOIN_FILE), org_key.secret().expose())?;
         tracing::info!("created the demo integration and organization \"demo\"");
     }

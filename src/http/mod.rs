@@ -128,6 +128,8 @@ pub struct AppState {
     pub health: Arc<StoreHealth>,
     /// Requests in flight; a permit per request.
     pub in_flight: Arc<Semaphore>,
+    /// Tokens issued per key since usage was last written.
+    pub usage: Arc<crate::usage::UsageRecorder>,
     pub settings: Settings,
 }
 

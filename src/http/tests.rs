@@ -19,13 +19,13 @@ use tower::ServiceExt as _;
 use super::*;
 use crate::api_key::{AutojoinApiKey, IntegrationApiKey};
 use crate::signing::{Algorithm, KeySet, SigningKey};
-use crate::store::{AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys, StoreError};
+use crate::store::{AutojoinKeyRecord, AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys, StoreError};
 
 /// In-memory keys, with a switch that makes every lookup fail.
 #[derive(Default)]
 struct FakeStore {
     integration: HashMap<(String, String), IntegrationKeyRecord>,
-    autojoin: HashMap<String, String>,
+    autojoin: HashMap<String, AutojoinKeyRecord>,
     down: AtomicBool,
     lookups: AtomicUsize,
     pings: AtomicUsize,
@@ -44,7 +44,7 @@ impl IntegrationKeys for FakeStore {
 
 #[async_trait]
 impl AutojoinKeys for FakeStore {
-    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
+    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<AutojoinKeyRecord>, StoreError> {
         self.lookups.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("timeout".into()));
@@ -93,6 +93,7 @@ fn fixture(alg: Algorithm) -> Fixture {
                 key_hash: key.secret().sha256_hex(),
                 status: status.into(),
                 tier,
+                expires_at: None,
             },
         );
         key.to_secret_string().expose().to_owned()
@@ -101,7 +102,13 @@ fn fixture(alg: Algorithm) -> Fixture {
     let revoked = add("acme", "revoked", 0);
     let tiered = add("bigco", "active", 7);
     let autojoin = AutojoinApiKey::generate().secret().expose().to_owned();
-    store.autojoin.insert(autojoin.clone(), "mlab-org".into());
+    store.autojoin.insert(
+        autojoin.clone(),
+        AutojoinKeyRecord {
+            org: "mlab-org".into(),
+            expires_at: None,
+        },
+    );
     let store = Arc::new(store);
     let (key, _) = SigningKey::generate(alg, None).unwrap();
     let settings = Settings {

@@ -10,9 +10,11 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+use time::OffsetDateTime;
 
 use super::{ApiError, AppState, Issued};
-use crate::claims::{Claims, Principal};
+use crate::cache::Grant;
+use crate::claims::Claims;
 
 /// The request body. Deserialised by hand because serde's derive would also
 /// accept a JSON array (`["key"]`) as a struct, which Go refuses.
@@ -104,8 +106,16 @@ fn read_key(body: &Bytes) -> Result<String, ApiError> {
     decode_token_request(body).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-fn issue(state: &AppState, principal: Principal) -> Result<Response, ApiError> {
-    let claims = Claims::new(principal.clone(), (state.clock)());
+fn issue(state: &AppState, grant: Grant) -> Result<Response, ApiError> {
+    let now = (state.clock)();
+    let now_utc = OffsetDateTime::from(now);
+    // The cache may hold a key past its expiry; the answer is the same
+    // refusal as for any other invalid key.
+    if grant.expires_at.is_some_and(|expiry| now_utc >= expiry) {
+        return Err(ApiError::InvalidKey("the key has expired".into()));
+    }
+    let principal = grant.principal;
+    let claims = Claims::new(principal.clone(), now).not_after(grant.expires_at);
     let keys = state.keys.load();
     let key = keys.active();
     let started = Instant::now();
@@ -119,6 +129,7 @@ fn issue(state: &AppState, principal: Principal) -> Result<Response, ApiError> {
     let mut body =
         serde_json::to_vec(&serde_json::json!({ "token": token })).map_err(|e| ApiError::Signing(e.to_string()))?;
     body.push(b'\n');
+    state.usage.record(&grant.usage, now_utc);
     let mut response = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
     response.extensions_mut().insert(Issued(principal));
     Ok(response)
@@ -126,14 +137,14 @@ fn issue(state: &AppState, principal: Principal) -> Result<Response, ApiError> {
 
 pub(super) async fn integration(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let key = read_key(&body)?;
-    let principal = state.validator.integration(&key).await?;
-    issue(&state, principal)
+    let grant = state.validator.integration(&key).await?;
+    issue(&state, grant)
 }
 
 pub(super) async fn autojoin(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let key = read_key(&body)?;
-    let principal = state.validator.autojoin(&key).await?;
-    issue(&state, principal)
+    let grant = state.validator.autojoin(&key).await?;
+    issue(&state, grant)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys, Lookups, StoreError};
+use super::{AutojoinKeyRecord, AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys, Lookups, StoreError};
 use crate::api_key::AutojoinApiKey;
 
 pub struct Bounded {
@@ -77,7 +77,7 @@ impl IntegrationKeys for Bounded {
 
 #[async_trait]
 impl AutojoinKeys for Bounded {
-    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
+    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<AutojoinKeyRecord>, StoreError> {
         let (inner, key) = (self.inner.clone(), key.clone());
         self.detached(async move { inner.autojoin_org(&key).await }).await
     }
@@ -130,8 +130,11 @@ mod tests {
 
     #[async_trait]
     impl AutojoinKeys for Slow {
-        async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
-            Ok(Some(format!("org of {}", key.fingerprint())))
+        async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<AutojoinKeyRecord>, StoreError> {
+            Ok(Some(AutojoinKeyRecord {
+                org: format!("org of {}", key.fingerprint()),
+                expires_at: None,
+            }))
         }
     }
 
@@ -184,7 +187,7 @@ mod tests {
         bounded.ping().await.unwrap();
         let key = AutojoinApiKey::generate();
         let org = bounded.autojoin_org(&key).await.unwrap();
-        assert_eq!(org, Some(format!("org of {}", key.fingerprint())));
+        assert_eq!(org.unwrap().org, format!("org of {}", key.fingerprint()));
 
         let panics = Arc::new(Slow {
             panics: true,

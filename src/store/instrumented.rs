@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::{AutojoinKeys, IntegrationKeyRecord, IntegrationKeys, Lookups, StoreError, StoreHealth};
+use super::{AutojoinKeyRecord, AutojoinKeys, IntegrationKeyRecord, IntegrationKeys, Lookups, StoreError, StoreHealth};
 use crate::api_key::AutojoinApiKey;
 use crate::metrics::Metrics;
 
@@ -59,7 +59,7 @@ impl IntegrationKeys for Instrumented {
 
 #[async_trait]
 impl AutojoinKeys for Instrumented {
-    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
+    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<AutojoinKeyRecord>, StoreError> {
         let started = Instant::now();
         let result = self.inner.autojoin_org(key).await;
         self.record("autojoin", started, &result);

@@ -36,6 +36,16 @@ pub struct IntegrationKeyRecord {
     /// `active`, or anything else (`revoked`, ...), which is refused.
     pub status: String,
     pub tier: i64,
+    /// From this instant on the key is refused; `None`: never.
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// What the store knows about one autojoin key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutojoinKeyRecord {
+    /// The organization that holds it.
+    pub org: String,
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// The only status that lets a key be exchanged.
@@ -52,6 +62,7 @@ pub struct NewIntegrationKey {
     pub key_description: String,
     pub tier: i64,
     pub created_at: OffsetDateTime,
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// Failures of a store operation. Only [`StoreError::Unavailable`] and
@@ -95,8 +106,9 @@ pub trait IntegrationKeys: Send + Sync {
 /// Looks up autojoin keys.
 #[async_trait]
 pub trait AutojoinKeys: Send + Sync {
-    /// The name of the organization that holds `key`, if any.
-    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError>;
+    /// The organization that holds `key` and the key's expiry, if any
+    /// organization holds it.
+    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<AutojoinKeyRecord>, StoreError>;
 }
 
 /// Writes for the admin CLI.
@@ -120,8 +132,29 @@ pub trait Admin: Send + Sync {
     async fn create_org(&self, name: &str, email: &str, now: OffsetDateTime) -> Result<(), StoreError>;
 
     /// Adds a key to an existing organization; `NotFound` if there is none.
-    async fn create_autojoin_key(&self, org: &str, key: &AutojoinApiKey, now: OffsetDateTime)
-    -> Result<(), StoreError>;
+    async fn create_autojoin_key(
+        &self,
+        org: &str,
+        key: &AutojoinApiKey,
+        now: OffsetDateTime,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<(), StoreError>;
+
+    /// Sets or clears the expiry of the key of `org` with this fingerprint
+    /// (`NotFound`, `Ambiguous` as for deletion).
+    async fn set_autojoin_expiry(
+        &self,
+        org: &str,
+        fingerprint: &str,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<(), StoreError>;
+
+    /// Adds servers' token counts and last-use times to their keys. Keys
+    /// that no longer exist are skipped.
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError>;
+
+    /// The audit log, oldest first.
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
 
     /// Every integration, by ID.
     async fn list_integrations(&self) -> Result<Vec<IntegrationInfo>, StoreError>;
@@ -179,6 +212,12 @@ pub struct KeyInfo {
     pub tier: i64,
     pub created_at: String,
     pub description: String,
+    /// RFC 3339; `None`: never expires.
+    pub expires_at: Option<String>,
+    /// When a server last issued a token for it (RFC 3339), as last
+    /// written by a server (at most a minute behind).
+    pub last_used_at: Option<String>,
+    pub tokens_issued: i64,
 }
 
 /// A change to one key.
@@ -186,6 +225,139 @@ pub struct KeyInfo {
 pub enum KeyChange {
     Status(String),
     Tier(i64),
+    /// A new expiry, or none.
+    Expiry(Option<OffsetDateTime>),
+}
+
+/// Which key a usage count is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum UsageKey {
+    Integration {
+        integration_id: String,
+        key_id: String,
+    },
+    /// By the SHA-256 of the key (lowercase hex): never the key itself.
+    Autojoin {
+        key_hash: String,
+    },
+}
+
+/// Tokens a server issued for one key since it last wrote usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub key: UsageKey,
+    pub last_used_at: OffsetDateTime,
+    pub tokens: u64,
+}
+
+/// One entry of the audit log: who changed what, from what to what. Never
+/// a secret, a hash or a whole key.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AuditRecord {
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub operator: String,
+    /// The admin command, such as `key revoke`.
+    pub action: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub integration_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// The audited values before and after (status, tier, expiry); `null`
+    /// for what did not exist.
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+}
+
+impl AuditRecord {
+    /// A record of `action` by `operator`, now.
+    pub fn new(operator: &str, action: &str) -> Self {
+        Self {
+            at: OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            operator: operator.to_owned(),
+            action: action.to_owned(),
+            integration_id: None,
+            key_id: None,
+            org: None,
+            fingerprint: None,
+            before: None,
+            after: None,
+        }
+    }
+
+    pub fn key(mut self, integration_id: &str, key_id: &str) -> Self {
+        self.integration_id = Some(integration_id.to_owned());
+        self.key_id = Some(key_id.to_owned());
+        self
+    }
+
+    pub fn integration(mut self, integration_id: &str) -> Self {
+        self.integration_id = Some(integration_id.to_owned());
+        self
+    }
+
+    pub fn org(mut self, org: &str) -> Self {
+        self.org = Some(org.to_owned());
+        self
+    }
+
+    pub fn fingerprint(mut self, fingerprint: &str) -> Self {
+        self.fingerprint = Some(fingerprint.to_owned());
+        self
+    }
+
+    pub fn change(mut self, before: Option<serde_json::Value>, after: Option<serde_json::Value>) -> Self {
+        self.before = before;
+        self.after = after;
+        self
+    }
+}
+
+/// The audited values of an integration key.
+pub fn key_state(status: &str, tier: i64, expires_at: Option<&str>) -> serde_json::Value {
+    serde_json::json!({ "status": status, "tier": tier, "expires_at": expires_at })
+}
+
+/// The audited values of an autojoin key.
+pub fn autojoin_key_state(expires_at: Option<&str>) -> serde_json::Value {
+    serde_json::json!({ "expires_at": expires_at })
+}
+
+/// RFC 3339 text of an instant, as the stores keep and print it.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    // RFC 3339 formatting fails only outside years 0..=9999, which no
+    // expiry the CLI accepts can reach.
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Which audit records to list.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub since: Option<OffsetDateTime>,
+    pub integration_id: Option<String>,
+    pub org: Option<String>,
+}
+
+impl AuditFilter {
+    pub fn matches(&self, r: &AuditRecord) -> bool {
+        let since_ok = self.since.is_none_or(|since| {
+            OffsetDateTime::parse(&r.at, &time::format_description::well_known::Rfc3339).is_ok_and(|at| at >= since)
+        });
+        since_ok
+            && self
+                .integration_id
+                .as_ref()
+                .is_none_or(|id| r.integration_id.as_ref() == Some(id))
+            && self.org.as_ref().is_none_or(|org| r.org.as_ref() == Some(org))
+    }
 }
 
 /// An organization, as the admin CLI lists it.
@@ -203,6 +375,9 @@ pub struct AutojoinKeyInfo {
     /// The first 12 hex digits of the key's SHA-256.
     pub fingerprint: String,
     pub created_at: String,
+    pub expires_at: Option<String>,
+    pub last_used_at: Option<String>,
+    pub tokens_issued: i64,
 }
 
 /// Status of a key that may no longer be exchanged.
@@ -316,6 +491,9 @@ pub struct StoreSettings {
     pub own_ns: String,
     /// Limit on each store call.
     pub timeout: std::time::Duration,
+    /// Who the audit log names for changes made through this store: the
+    /// OS user of an admin command (and more, where known).
+    pub operator: String,
     /// Most PostgreSQL connections from this process.
     pub max_connections: u32,
 }
@@ -394,9 +572,15 @@ pub fn locate(settings: &StoreSettings) -> Result<Location, StoreError> {
 pub async fn open(settings: impl Into<StoreSettings>) -> Result<Arc<dyn Store>, StoreError> {
     let settings = settings.into();
     match locate(&settings)? {
-        Location::Sqlite { path } => Ok(Arc::new(SqlStore::open_sqlite(&path, settings.timeout).await?)),
+        Location::Sqlite { path } => Ok(Arc::new(
+            SqlStore::open_sqlite(&path, settings.timeout)
+                .await?
+                .with_operator(&settings.operator),
+        )),
         Location::Postgres { .. } => Ok(Arc::new(
-            SqlStore::open_postgres(&settings.url, settings.timeout, settings.max_connections).await?,
+            SqlStore::open_postgres(&settings.url, settings.timeout, settings.max_connections)
+                .await?
+                .with_operator(&settings.operator),
         )),
         Location::Datastore {
             project,
@@ -413,7 +597,7 @@ pub async fn open(settings: impl Into<StoreSettings>) -> Result<Arc<dyn Store>, 
                 emulator_host: emulator,
             })?;
             store.check_credentials().await?;
-            Ok(Arc::new(store))
+            Ok(Arc::new(store.with_operator(&settings.operator)))
         }
     }
 }
@@ -430,6 +614,7 @@ mod location_tests {
             client_integration_ns: "client-integration".into(),
             own_ns: "token-exchange".into(),
             timeout: std::time::Duration::from_secs(1),
+            operator: "test".into(),
             max_connections: 1,
         }
     }

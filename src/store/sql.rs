@@ -29,8 +29,9 @@ use time::format_description::well_known::Rfc3339;
 
 use super::changes::{ChangeFeed, ChangeNotice, Invalidation, PG_CHANNEL, Recovery};
 use super::{
-    Admin, AutojoinKeyInfo, AutojoinKeys, Backend, IntegrationInfo, IntegrationKeyRecord, IntegrationKeys, KeyChange,
-    KeyInfo, NewIntegrationKey, OrgInfo, StoreError, check_fingerprint, key_not_found,
+    Admin, AuditFilter, AuditRecord, AutojoinKeyInfo, AutojoinKeyRecord, AutojoinKeys, Backend, IntegrationInfo,
+    IntegrationKeyRecord, IntegrationKeys, KeyChange, KeyInfo, KeyUsage, NewIntegrationKey, OrgInfo, STATUS_REVOKED,
+    StoreError, UsageKey, autojoin_key_state, check_fingerprint, key_not_found, key_state,
 };
 use crate::api_key::{AutojoinApiKey, fingerprint_of_hash};
 
@@ -60,6 +61,8 @@ macro_rules! on_pool {
 
 pub struct SqlStore {
     pool: SqlPool,
+    /// Named in the audit log.
+    operator: String,
 }
 
 fn migration(version: i64, description: &'static str, sql: &'static str) -> Migration {
@@ -76,16 +79,24 @@ fn sqlite_migrator() -> Migrator {
     Migrator::with_migrations(vec![
         migration(1, "initial", include_str!("../../migrations/sqlite/0001_initial.sql")),
         migration(2, "changes", include_str!("../../migrations/sqlite/0002_changes.sql")),
+        migration(
+            3,
+            "expiry usage audit",
+            include_str!("../../migrations/sqlite/0003_expiry_usage_audit.sql"),
+        ),
     ])
 }
 
 fn postgres_migrator() -> Migrator {
     // PostgreSQL publishes changes with NOTIFY; it needs no table for them.
-    Migrator::with_migrations(vec![migration(
-        1,
-        "initial",
-        include_str!("../../migrations/postgres/0001_initial.sql"),
-    )])
+    Migrator::with_migrations(vec![
+        migration(1, "initial", include_str!("../../migrations/postgres/0001_initial.sql")),
+        migration(
+            2,
+            "expiry usage audit",
+            include_str!("../../migrations/postgres/0002_expiry_usage_audit.sql"),
+        ),
+    ])
 }
 
 impl SqlStore {
@@ -135,7 +146,14 @@ impl SqlStore {
             .map_err(|e| StoreError::Backend(format!("schema migration of {} failed: {e}", path.display())))?;
         Ok(Self {
             pool: SqlPool::Sqlite(pool),
+            operator: String::new(),
         })
+    }
+
+    /// Names `operator` in the audit records of changes made through this store.
+    pub fn with_operator(mut self, operator: &str) -> Self {
+        operator.clone_into(&mut self.operator);
+        self
     }
 
     /// Connects to PostgreSQL at `url` and brings the schema up to date
@@ -169,6 +187,7 @@ impl SqlStore {
             .map_err(|e| StoreError::Backend(format!("schema migration failed: {e}")))?;
         Ok(Self {
             pool: SqlPool::Postgres(pool),
+            operator: String::new(),
         })
     }
 }
@@ -230,6 +249,9 @@ macro_rules! key_info {
             tier: $r.try_get("tier").map_err(backend)?,
             created_at: $r.try_get("created_at").map_err(backend)?,
             description: $r.try_get("description").map_err(backend)?,
+            expires_at: $r.try_get("expires_at").map_err(backend)?,
+            last_used_at: $r.try_get("last_used_at").map_err(backend)?,
+            tokens_issued: $r.try_get("tokens_issued").map_err(backend)?,
         }
     };
 }
@@ -243,7 +265,8 @@ impl IntegrationKeys for SqlStore {
     ) -> Result<Option<IntegrationKeyRecord>, StoreError> {
         on_pool!(self, pool => {
             let row = sqlx::query(
-                "SELECT key_hash, status, tier FROM integration_keys WHERE integration_id = $1 AND key_id = $2",
+                "SELECT key_hash, status, tier, expires_at FROM integration_keys
+                 WHERE integration_id = $1 AND key_id = $2",
             )
             .bind(integration_id)
             .bind(key_id)
@@ -256,6 +279,7 @@ impl IntegrationKeys for SqlStore {
                     key_hash: r.try_get("key_hash").map_err(backend)?,
                     status: r.try_get("status").map_err(backend)?,
                     tier: r.try_get("tier").map_err(backend)?,
+                    expires_at: parse_time(r.try_get("expires_at").map_err(backend)?)?,
                 })),
             }
         })
@@ -264,14 +288,21 @@ impl IntegrationKeys for SqlStore {
 
 #[async_trait]
 impl AutojoinKeys for SqlStore {
-    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
+    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<AutojoinKeyRecord>, StoreError> {
         let hash = key.secret().sha256_hex();
         on_pool!(self, pool => {
-            sqlx::query_scalar("SELECT org FROM autojoin_keys WHERE key_hash = $1")
+            let row = sqlx::query("SELECT org, expires_at FROM autojoin_keys WHERE key_hash = $1")
                 .bind(&hash)
                 .fetch_optional(pool)
                 .await
-                .map_err(classify)
+                .map_err(classify)?;
+            match row {
+                None => Ok(None),
+                Some(r) => Ok(Some(AutojoinKeyRecord {
+                    org: r.try_get("org").map_err(backend)?,
+                    expires_at: parse_time(r.try_get("expires_at").map_err(backend)?)?,
+                })),
+            }
         })
     }
 }
@@ -333,6 +364,7 @@ impl Admin for SqlStore {
 
     async fn create_integration_key(&self, key: &NewIntegrationKey) -> Result<bool, StoreError> {
         let created_at = timestamp(key.created_at);
+        let expires_at = key.expires_at.map(seconds);
         on_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(classify)?;
             let created = sqlx::query(
@@ -349,8 +381,8 @@ impl Admin for SqlStore {
                 == 1;
             sqlx::query(
                 "INSERT INTO integration_keys
-                     (integration_id, key_id, key_hash, status, tier, description, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                     (integration_id, key_id, key_hash, status, tier, description, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(&key.integration_id)
             .bind(&key.key_id)
@@ -359,6 +391,7 @@ impl Admin for SqlStore {
             .bind(key.tier)
             .bind(&key.key_description)
             .bind(&created_at)
+            .bind(&expires_at)
             .execute(&mut *tx)
             .await
             .map_err(|e| {
@@ -368,6 +401,10 @@ impl Admin for SqlStore {
                     classify(e)
                 }
             })?;
+            let record = AuditRecord::new(&self.operator, "integration create")
+                .key(&key.integration_id, &key.key_id)
+                .change(None, Some(key_state(super::STATUS_ACTIVE, key.tier, expires_at.as_deref())));
+            (*tx).audit(&record).await?;
             tx.commit().await.map_err(classify)?;
             Ok(created)
         })
@@ -386,6 +423,7 @@ impl Admin for SqlStore {
     async fn create_org(&self, name: &str, email: &str, now: OffsetDateTime) -> Result<(), StoreError> {
         let created_at = timestamp(now);
         on_pool!(self, pool => {
+            let mut tx = pool.begin().await.map_err(classify)?;
             sqlx::query(
                 "INSERT INTO organizations (name, email, created_at, probability_multiplier)
                  VALUES ($1, $2, $3, $4)",
@@ -394,7 +432,7 @@ impl Admin for SqlStore {
             .bind(email)
             .bind(&created_at)
             .bind(1.0_f64)
-            .execute(pool)
+            .execute(&mut *tx)
             .await
             .map_err(|e| {
                 if is_unique_violation(&e) {
@@ -403,7 +441,11 @@ impl Admin for SqlStore {
                     classify(e)
                 }
             })?;
-            Ok(())
+            let record = AuditRecord::new(&self.operator, "autojoin create-org")
+                .org(name)
+                .change(None, Some(serde_json::json!({ "email": email })));
+            (*tx).audit(&record).await?;
+            tx.commit().await.map_err(classify)
         })
     }
 
@@ -412,19 +454,23 @@ impl Admin for SqlStore {
         org: &str,
         key: &AutojoinApiKey,
         now: OffsetDateTime,
+        expires_at: Option<OffsetDateTime>,
     ) -> Result<(), StoreError> {
         let (hash, created_at) = (key.secret().sha256_hex(), timestamp(now));
+        let expires_at = expires_at.map(seconds);
         on_pool!(self, pool => {
+            let mut tx = pool.begin().await.map_err(classify)?;
             // INSERT ... SELECT inserts nothing when the organization is
             // missing, which tells "no such organization" apart in one statement.
             let inserted = sqlx::query(
-                "INSERT INTO autojoin_keys (key_hash, org, created_at)
-                 SELECT $1, name, $3 FROM organizations WHERE name = $2",
+                "INSERT INTO autojoin_keys (key_hash, org, created_at, expires_at)
+                 SELECT $1, name, $3, $4 FROM organizations WHERE name = $2",
             )
             .bind(&hash)
             .bind(org)
             .bind(&created_at)
-            .execute(pool)
+            .bind(&expires_at)
+            .execute(&mut *tx)
             .await
             .map_err(|e| {
                 if is_unique_violation(&e) {
@@ -437,7 +483,12 @@ impl Admin for SqlStore {
             if inserted == 0 {
                 return Err(StoreError::NotFound(format!("organization {org}")));
             }
-            Ok(())
+            let record = AuditRecord::new(&self.operator, "autojoin create-key")
+                .org(org)
+                .fingerprint(&fingerprint_of_hash(&hash))
+                .change(None, Some(autojoin_key_state(expires_at.as_deref())));
+            (*tx).audit(&record).await?;
+            tx.commit().await.map_err(classify)
         })
     }
 
@@ -470,8 +521,8 @@ impl Admin for SqlStore {
         .ok_or_else(|| StoreError::NotFound(format!("integration {integration_id}")))?;
         on_pool!(self, pool => {
             let rows = sqlx::query(
-                "SELECT key_id, status, tier, created_at, description FROM integration_keys
-                 WHERE integration_id = $1 ORDER BY key_id",
+                "SELECT key_id, status, tier, created_at, description, expires_at, last_used_at, tokens_issued
+                 FROM integration_keys WHERE integration_id = $1 ORDER BY key_id",
             )
             .bind(integration_id)
             .fetch_all(pool)
@@ -484,8 +535,8 @@ impl Admin for SqlStore {
     async fn get_integration_key(&self, integration_id: &str, key_id: &str) -> Result<KeyInfo, StoreError> {
         on_pool!(self, pool => {
             let row = sqlx::query(
-                "SELECT key_id, status, tier, created_at, description FROM integration_keys
-                 WHERE integration_id = $1 AND key_id = $2",
+                "SELECT key_id, status, tier, created_at, description, expires_at, last_used_at, tokens_issued
+                 FROM integration_keys WHERE integration_id = $1 AND key_id = $2",
             )
             .bind(integration_id)
             .bind(key_id)
@@ -505,6 +556,7 @@ impl Admin for SqlStore {
             &Invalidation::Integration {
                 integration_id: integration_id.to_owned(),
             },
+            AuditRecord::new(&self.operator, "integration delete").integration(integration_id),
         )
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("integration {integration_id}")))
@@ -520,28 +572,48 @@ impl Admin for SqlStore {
             integration_id: integration_id.to_owned(),
             key_id: key_id.to_owned(),
         };
+        let action = match &change {
+            KeyChange::Status(status) if status == STATUS_REVOKED => "key revoke",
+            KeyChange::Status(_) => "key activate",
+            KeyChange::Tier(_) => "key set-tier",
+            KeyChange::Expiry(_) => "key set-expiry",
+        };
         on_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(classify)?;
-            let query = match &change {
-                KeyChange::Status(status) => {
-                    sqlx::query("UPDATE integration_keys SET status = $1 WHERE integration_id = $2 AND key_id = $3")
-                        .bind(status.clone())
-                }
-                KeyChange::Tier(tier) => {
-                    sqlx::query("UPDATE integration_keys SET tier = $1 WHERE integration_id = $2 AND key_id = $3")
-                        .bind(*tier)
-                }
-            };
-            let updated = query
-                .bind(integration_id)
-                .bind(key_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
-            if updated == 0 {
-                return Err(key_not_found(integration_id, key_id));
+            let row = sqlx::query(
+                "SELECT status, tier, expires_at FROM integration_keys WHERE integration_id = $1 AND key_id = $2",
+            )
+            .bind(integration_id)
+            .bind(key_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?
+            .ok_or_else(|| key_not_found(integration_id, key_id))?;
+            let mut status: String = row.try_get("status").map_err(backend)?;
+            let mut tier: i64 = row.try_get("tier").map_err(backend)?;
+            let mut expires_at: Option<String> = row.try_get("expires_at").map_err(backend)?;
+            let before = key_state(&status, tier, expires_at.as_deref());
+            match change {
+                KeyChange::Status(new) => status = new,
+                KeyChange::Tier(new) => tier = new,
+                KeyChange::Expiry(new) => expires_at = new.map(seconds),
             }
+            sqlx::query(
+                "UPDATE integration_keys SET status = $1, tier = $2, expires_at = $3
+                 WHERE integration_id = $4 AND key_id = $5",
+            )
+            .bind(&status)
+            .bind(tier)
+            .bind(&expires_at)
+            .bind(integration_id)
+            .bind(key_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            let record = AuditRecord::new(&self.operator, action)
+                .key(integration_id, key_id)
+                .change(Some(before), Some(key_state(&status, tier, expires_at.as_deref())));
+            (*tx).audit(&record).await?;
             (*tx).publish(&published).await?;
             tx.commit().await.map_err(classify)
         })
@@ -554,16 +626,25 @@ impl Admin for SqlStore {
         };
         on_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(classify)?;
-            let deleted = sqlx::query("DELETE FROM integration_keys WHERE integration_id = $1 AND key_id = $2")
-                .bind(integration_id)
-                .bind(key_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
-            if deleted == 0 {
-                return Err(key_not_found(integration_id, key_id));
-            }
+            let row = sqlx::query(
+                "DELETE FROM integration_keys WHERE integration_id = $1 AND key_id = $2
+                 RETURNING status, tier, expires_at",
+            )
+            .bind(integration_id)
+            .bind(key_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?
+            .ok_or_else(|| key_not_found(integration_id, key_id))?;
+            let (status, tier, expires_at): (String, i64, Option<String>) = (
+                row.try_get("status").map_err(backend)?,
+                row.try_get("tier").map_err(backend)?,
+                row.try_get("expires_at").map_err(backend)?,
+            );
+            let record = AuditRecord::new(&self.operator, "key delete")
+                .key(integration_id, key_id)
+                .change(Some(key_state(&status, tier, expires_at.as_deref())), None);
+            (*tx).audit(&record).await?;
             (*tx).publish(&published).await?;
             tx.commit().await.map_err(classify)
         })
@@ -596,7 +677,8 @@ impl Admin for SqlStore {
             .ok_or_else(|| StoreError::NotFound(format!("organization {org}")))?;
         on_pool!(self, pool => {
             let rows = sqlx::query(
-                "SELECT key_hash, created_at FROM autojoin_keys WHERE org = $1 ORDER BY created_at, key_hash",
+                "SELECT key_hash, created_at, expires_at, last_used_at, tokens_issued FROM autojoin_keys
+                 WHERE org = $1 ORDER BY created_at, key_hash",
             )
             .bind(org)
             .fetch_all(pool)
@@ -608,6 +690,9 @@ impl Admin for SqlStore {
                     Ok(AutojoinKeyInfo {
                         fingerprint: fingerprint_of_hash(&hash),
                         created_at: r.try_get("created_at").map_err(backend)?,
+                        expires_at: r.try_get("expires_at").map_err(backend)?,
+                        last_used_at: r.try_get("last_used_at").map_err(backend)?,
+                        tokens_issued: r.try_get("tokens_issued").map_err(backend)?,
                     })
                 })
                 .collect()
@@ -615,34 +700,81 @@ impl Admin for SqlStore {
     }
 
     async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError> {
-        check_fingerprint(fingerprint)?;
-        // The fingerprint is checked to be hex, so it holds no LIKE wildcard.
-        let prefix = format!("{fingerprint}%");
+        self.change_autojoin_key(org, fingerprint, None).await
+    }
+
+    async fn set_autojoin_expiry(
+        &self,
+        org: &str,
+        fingerprint: &str,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<(), StoreError> {
+        self.change_autojoin_key(org, fingerprint, Some(expires_at)).await
+    }
+
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
         on_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(classify)?;
-            let matches: Vec<String> =
-                sqlx::query_scalar("SELECT key_hash FROM autojoin_keys WHERE org = $1 AND key_hash LIKE $2")
-                    .bind(org)
-                    .bind(&prefix)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-            match matches.as_slice() {
-                [] => Err(StoreError::NotFound(format!("a key with fingerprint {fingerprint} in organization {org}"))),
-                [hash] => {
-                    sqlx::query("DELETE FROM autojoin_keys WHERE key_hash = $1")
-                        .bind(hash)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(classify)?;
-                    (*tx).publish(&Invalidation::Organization { org: org.to_owned() }).await?;
-                    tx.commit().await.map_err(classify)
-                }
-                _ => Err(StoreError::Ambiguous(format!(
-                    "{} keys of organization {org} start with {fingerprint}; give more of the fingerprint",
-                    matches.len()
-                ))),
+            for u in usage {
+                let used = seconds(u.last_used_at);
+                let tokens = i64::try_from(u.tokens).unwrap_or(i64::MAX);
+                // Whole-second RFC 3339 text has a fixed width, so the later
+                // of two times is the greater text.
+                let query = match &u.key {
+                    UsageKey::Integration { integration_id, key_id } => sqlx::query(
+                        "UPDATE integration_keys SET tokens_issued = tokens_issued + $1,
+                             last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $2 THEN $2
+                                                 ELSE last_used_at END
+                         WHERE integration_id = $3 AND key_id = $4",
+                    )
+                    .bind(tokens)
+                    .bind(used)
+                    .bind(integration_id)
+                    .bind(key_id),
+                    UsageKey::Autojoin { key_hash } => sqlx::query(
+                        "UPDATE autojoin_keys SET tokens_issued = tokens_issued + $1,
+                             last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $2 THEN $2
+                                                 ELSE last_used_at END
+                         WHERE key_hash = $3",
+                    )
+                    .bind(tokens)
+                    .bind(used)
+                    .bind(key_hash),
+                };
+                query.execute(&mut *tx).await.map_err(classify)?;
             }
+            tx.commit().await.map_err(classify)
+        })
+    }
+
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT at, operator, action, integration_id, key_id, org, fingerprint, before, after
+                 FROM audit_log ORDER BY seq",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(classify)?;
+            let json = |text: Option<String>| text.and_then(|t| serde_json::from_str(&t).ok());
+            let mut records = Vec::new();
+            for r in &rows {
+                let record = AuditRecord {
+                    at: r.try_get("at").map_err(backend)?,
+                    operator: r.try_get("operator").map_err(backend)?,
+                    action: r.try_get("action").map_err(backend)?,
+                    integration_id: r.try_get("integration_id").map_err(backend)?,
+                    key_id: r.try_get("key_id").map_err(backend)?,
+                    org: r.try_get("org").map_err(backend)?,
+                    fingerprint: r.try_get("fingerprint").map_err(backend)?,
+                    before: json(r.try_get("before").map_err(backend)?),
+                    after: json(r.try_get("after").map_err(backend)?),
+                };
+                if filter.matches(&record) {
+                    records.push(record);
+                }
+            }
+            Ok(records)
         })
     }
 
@@ -652,6 +784,7 @@ impl Admin for SqlStore {
             "DELETE FROM organizations WHERE name = $1",
             org,
             &Invalidation::Organization { org: org.to_owned() },
+            AuditRecord::new(&self.operator, "autojoin delete-org").org(org),
         )
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("organization {org}")))
@@ -667,6 +800,7 @@ impl SqlStore {
         parent: &'static str,
         id: &str,
         published: &Invalidation,
+        record: AuditRecord,
     ) -> Result<Option<usize>, StoreError> {
         on_pool!(self, pool => {
             let mut tx = pool.begin().await.map_err(classify)?;
@@ -676,9 +810,74 @@ impl SqlStore {
                 // Dropping the transaction rolls it back: nothing changes.
                 return Ok(None);
             }
+            let record = record.change(Some(serde_json::json!({ "keys": removed })), None);
+            (*tx).audit(&record).await?;
             (*tx).publish(published).await?;
             tx.commit().await.map_err(classify)?;
             Ok(Some(usize::try_from(removed).unwrap_or(usize::MAX)))
+        })
+    }
+
+    /// Deletes (`expiry` None) or sets the expiry of (`Some`) the one key of
+    /// `org` whose hash starts with `fingerprint`.
+    async fn change_autojoin_key(
+        &self,
+        org: &str,
+        fingerprint: &str,
+        expiry: Option<Option<OffsetDateTime>>,
+    ) -> Result<(), StoreError> {
+        check_fingerprint(fingerprint)?;
+        // The fingerprint is checked to be hex, so it holds no LIKE wildcard.
+        let prefix = format!("{fingerprint}%");
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await.map_err(classify)?;
+            let rows = sqlx::query("SELECT key_hash, expires_at FROM autojoin_keys WHERE org = $1 AND key_hash LIKE $2")
+                .bind(org)
+                .bind(&prefix)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(classify)?;
+            let row = match rows.as_slice() {
+                [] => {
+                    return Err(StoreError::NotFound(format!(
+                        "a key with fingerprint {fingerprint} in organization {org}"
+                    )));
+                }
+                [row] => row,
+                _ => {
+                    return Err(StoreError::Ambiguous(format!(
+                        "{} keys of organization {org} start with {fingerprint}; give more of the fingerprint",
+                        rows.len()
+                    )));
+                }
+            };
+            let hash: String = row.try_get("key_hash").map_err(backend)?;
+            let old: Option<String> = row.try_get("expires_at").map_err(backend)?;
+            let before = Some(autojoin_key_state(old.as_deref()));
+            let record = match expiry {
+                None => {
+                    sqlx::query("DELETE FROM autojoin_keys WHERE key_hash = $1")
+                        .bind(&hash)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?;
+                    AuditRecord::new(&self.operator, "autojoin delete-key").change(before, None)
+                }
+                Some(new) => {
+                    let new = new.map(seconds);
+                    sqlx::query("UPDATE autojoin_keys SET expires_at = $1 WHERE key_hash = $2")
+                        .bind(&new)
+                        .bind(&hash)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?;
+                    AuditRecord::new(&self.operator, "autojoin set-expiry")
+                        .change(before, Some(autojoin_key_state(new.as_deref())))
+                }
+            };
+            (*tx).audit(&record.org(org).fingerprint(&fingerprint_of_hash(&hash))).await?;
+            (*tx).publish(&Invalidation::Organization { org: org.to_owned() }).await?;
+            tx.commit().await.map_err(classify)
         })
     }
 
@@ -689,6 +888,57 @@ impl SqlStore {
         })
     }
 }
+
+/// An instant as the SQL stores keep it: RFC 3339 in UTC, whole seconds,
+/// so that every value has the same width and compares as text.
+fn seconds(t: OffsetDateTime) -> String {
+    super::rfc3339(t.replace_nanosecond(0).unwrap_or(t))
+}
+
+/// Reads an instant written by [`seconds`] (or by hand, in RFC 3339).
+fn parse_time(text: Option<String>) -> Result<Option<OffsetDateTime>, StoreError> {
+    text.map(|t| {
+        OffsetDateTime::parse(&t, &Rfc3339).map_err(|e| StoreError::Backend(format!("unreadable time {t:?}: {e}")))
+    })
+    .transpose()
+}
+
+/// Appending to the audit log inside the transaction of the change.
+trait Audit {
+    async fn audit(&mut self, record: &AuditRecord) -> Result<(), StoreError>;
+}
+
+/// The statement is the same for both databases; only the connection type differs.
+macro_rules! impl_audit {
+    ($connection:ty) => {
+        impl Audit for $connection {
+            async fn audit(&mut self, r: &AuditRecord) -> Result<(), StoreError> {
+                let json = |v: &Option<serde_json::Value>| v.as_ref().map(serde_json::Value::to_string);
+                sqlx::query(
+                    "INSERT INTO audit_log
+                         (at, operator, action, integration_id, key_id, org, fingerprint, before, after)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                )
+                .bind(&r.at)
+                .bind(&r.operator)
+                .bind(&r.action)
+                .bind(&r.integration_id)
+                .bind(&r.key_id)
+                .bind(&r.org)
+                .bind(&r.fingerprint)
+                .bind(json(&r.before))
+                .bind(json(&r.after))
+                .execute(&mut *self)
+                .await
+                .map_err(classify)?;
+                Ok(())
+            }
+        }
+    };
+}
+
+impl_audit!(sqlx::SqliteConnection);
+impl_audit!(sqlx::PgConnection);
 
 /// Publishing a change inside the transaction that makes it.
 trait Publish {
@@ -893,6 +1143,7 @@ mod tests {
             key_description: "k".into(),
             tier,
             created_at: OffsetDateTime::now_utc(),
+            expires_at: None,
         }
     }
 
@@ -929,7 +1180,7 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let key = AutojoinApiKey::generate();
         assert!(matches!(
-            s.create_autojoin_key("mlab", &key, now).await,
+            s.create_autojoin_key("mlab", &key, now, None).await,
             Err(StoreError::NotFound(_))
         ));
         s.create_org("mlab", "ops@example.org", now).await.unwrap();
@@ -937,8 +1188,8 @@ mod tests {
             s.create_org("mlab", "x@example.org", now).await,
             Err(StoreError::AlreadyExists(_))
         ));
-        s.create_autojoin_key("mlab", &key, now).await.unwrap();
-        assert_eq!(s.autojoin_org(&key).await.unwrap().as_deref(), Some("mlab"));
+        s.create_autojoin_key("mlab", &key, now, None).await.unwrap();
+        assert_eq!(s.autojoin_org(&key).await.unwrap().unwrap().org, "mlab");
         assert_eq!(s.autojoin_org(&AutojoinApiKey::generate()).await.unwrap(), None);
         // Only the hash is stored.
         let SqlPool::Sqlite(pool) = &s.pool else { unreachable!() };

@@ -20,8 +20,9 @@ use self::client::{CallError, Client};
 use self::wire::{Entity, Key, PartitionId, PathElement};
 use super::changes::{CHANGE_KIND, ChangeFeed, ChangeNotice, Invalidation, Recovery};
 use super::{
-    Admin, AutojoinKeyInfo, AutojoinKeys, Backend, IntegrationInfo, IntegrationKeyRecord, IntegrationKeys, KeyChange,
-    KeyInfo, NewIntegrationKey, OrgInfo, STATUS_ACTIVE, StoreError, check_fingerprint, key_not_found,
+    Admin, AuditFilter, AuditRecord, AutojoinKeyInfo, AutojoinKeyRecord, AutojoinKeys, Backend, IntegrationInfo,
+    IntegrationKeyRecord, IntegrationKeys, KeyChange, KeyInfo, KeyUsage, NewIntegrationKey, OrgInfo, STATUS_ACTIVE,
+    STATUS_REVOKED, StoreError, UsageKey, autojoin_key_state, check_fingerprint, key_not_found, key_state, rfc3339,
 };
 use crate::api_key::AutojoinApiKey;
 
@@ -30,6 +31,14 @@ pub const INTEGRATION_KIND: &str = "IntegrationMeta";
 pub const INTEGRATION_KEY_KIND: &str = "IntegrationAPIKey";
 pub const ORGANIZATION_KIND: &str = "Organization";
 pub const AUTOJOIN_KEY_KIND: &str = "APIKey";
+
+/// Kinds of our own, in the `--token-exchange-ns` namespace: Go programs
+/// load the kinds above into fixed structs, so what they do not know
+/// (expiry, usage, the audit log) lives here. A key's state is keyed by
+/// the key's path (integration keys) or its hash (autojoin keys).
+pub const INTEGRATION_STATE_PARENT_KIND: &str = "TokenExchangeIntegration";
+pub const KEY_STATE_KIND: &str = "TokenExchangeKeyState";
+pub const AUDIT_KIND: &str = "TokenExchangeAudit";
 
 /// Datastore calls one replica makes at once on the request path. Each is
 /// an HTTPS request of a few milliseconds, so this allows thousands of
@@ -56,6 +65,8 @@ pub struct DatastoreConfig {
 pub struct DatastoreStore {
     /// Shared with the change feed.
     client: Arc<Client>,
+    /// Named in the audit log.
+    operator: String,
     platform: PartitionId,
     integrations: PartitionId,
     /// This service's own namespace.
@@ -87,10 +98,17 @@ impl DatastoreStore {
         };
         Ok(Self {
             client: Arc::new(client),
+            operator: String::new(),
             platform: partition(&config.platform_ns),
             integrations: partition(&config.client_integration_ns),
             own: partition(&config.own_ns),
         })
+    }
+
+    /// Names `operator` in the audit records of changes made through this store.
+    pub fn with_operator(mut self, operator: &str) -> Self {
+        operator.clone_into(&mut self.operator);
+        self
     }
 
     /// Fails at once when no credentials can be had (see
@@ -138,6 +156,49 @@ impl DatastoreStore {
                 ("kind", unindexed(kind)),
                 ("subject", unindexed(subject)),
                 ("key_id", unindexed(key_id)),
+            ]),
+        )
+    }
+
+    fn integration_state_key(&self, integration_id: &str, key_id: &str) -> Key {
+        Self::key(
+            &self.own,
+            &[
+                (INTEGRATION_STATE_PARENT_KIND, integration_id),
+                (KEY_STATE_KIND, key_id),
+            ],
+        )
+    }
+
+    fn autojoin_state_key(&self, key_hash: &str) -> Key {
+        Self::key(&self.own, &[(KEY_STATE_KIND, &format!("autojoin:{key_hash}"))])
+    }
+
+    /// The mutation that appends `record` to the audit log, committed with
+    /// the change it records.
+    fn audit(&self, record: &AuditRecord) -> Value {
+        let mut random = [0u8; 8];
+        crate::api_key::fill_random(&mut random);
+        let name = format!("{}-{}", record.at, crate::api_key::hex_lower(&random));
+        let at = OffsetDateTime::parse(&record.at, &time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let text = |v: Option<&str>| match v {
+            Some(t) => json!({ "stringValue": t, "excludeFromIndexes": true }),
+            None => json!({ "nullValue": null, "excludeFromIndexes": true }),
+        };
+        let json_text = |v: &Option<Value>| text(v.as_ref().map(Value::to_string).as_deref());
+        insert(
+            Self::key(&self.own, &[(AUDIT_KIND, &name)]),
+            properties([
+                ("at", wire::timestamp(at)),
+                ("operator", text(Some(&record.operator))),
+                ("action", text(Some(&record.action))),
+                ("integration_id", text(record.integration_id.as_deref())),
+                ("key_id", text(record.key_id.as_deref())),
+                ("org", text(record.org.as_deref())),
+                ("fingerprint", text(record.fingerprint.as_deref())),
+                ("before", json_text(&record.before)),
+                ("after", json_text(&record.after)),
             ]),
         )
     }
@@ -212,14 +273,66 @@ impl DatastoreStore {
     }
 }
 
-fn key_info(e: &Entity) -> KeyInfo {
+fn key_info(e: &Entity, state: &KeyState) -> KeyInfo {
     KeyInfo {
         key_id: e.key.name().unwrap_or_default().to_owned(),
         status: e.string("status").unwrap_or_default().to_owned(),
         tier: e.integer("tier").unwrap_or(0),
         created_at: e.timestamp("created_at"),
         description: e.string("description").unwrap_or_default().to_owned(),
+        expires_at: state.expires_at.map(rfc3339),
+        last_used_at: state.last_used_at.map(rfc3339),
+        tokens_issued: state.tokens_issued,
     }
+}
+
+/// What this service keeps about a key beyond the Go programs' entities.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct KeyState {
+    expires_at: Option<OffsetDateTime>,
+    last_used_at: Option<OffsetDateTime>,
+    tokens_issued: i64,
+}
+
+impl KeyState {
+    fn from_entity(e: Option<&Entity>) -> Self {
+        let Some(e) = e else { return Self::default() };
+        let time =
+            |name: &str| OffsetDateTime::parse(&e.timestamp(name), &time::format_description::well_known::Rfc3339).ok();
+        Self {
+            expires_at: time("expires_at"),
+            last_used_at: time("last_used_at"),
+            tokens_issued: e.integer("tokens_issued").unwrap_or(0),
+        }
+    }
+
+    fn upsert(&self, key: Key) -> Value {
+        let time = |t: Option<OffsetDateTime>| match t {
+            Some(t) => wire::timestamp(t),
+            None => json!({ "nullValue": null }),
+        };
+        let entity = Entity {
+            key,
+            properties: properties([
+                ("expires_at", time(self.expires_at)),
+                ("last_used_at", time(self.last_used_at)),
+                ("tokens_issued", wire::integer(self.tokens_issued)),
+            ]),
+        };
+        json!({ "upsert": entity })
+    }
+
+    fn expires_text(&self) -> Option<String> {
+        self.expires_at.map(rfc3339)
+    }
+}
+
+/// The entity of `key` among `found`, if it is there.
+fn found_entity<'a>(found: &'a [wire::EntityResult], key: &Key) -> Option<&'a Entity> {
+    found
+        .iter()
+        .map(|r| &r.entity)
+        .find(|e| e.key.path == key.path && e.key.partition_id.namespace_id == key.partition_id.namespace_id)
 }
 
 /// The whole SHA-256 (hex) of an autojoin key entity's name, which is the key.
@@ -279,11 +392,13 @@ impl IntegrationKeys for DatastoreStore {
         key_id: &str,
     ) -> Result<Option<IntegrationKeyRecord>, StoreError> {
         let key = self.integration_key_path(integration_id, key_id);
-        let response = self.client.lookup(std::slice::from_ref(&key), None).await?;
-        let Some(found) = response.found.into_iter().next() else {
+        let state_key = self.integration_state_key(integration_id, key_id);
+        // The key and its state (expiry) in one round trip.
+        let response = self.client.lookup(&[key.clone(), state_key.clone()], None).await?;
+        let Some(entity) = found_entity(&response.found, &key) else {
             return Ok(None);
         };
-        let entity = found.entity;
+        let state = KeyState::from_entity(found_entity(&response.found, &state_key));
         Ok(Some(IntegrationKeyRecord {
             // A missing hash can never match a computed one.
             key_hash: entity.string("key_hash").unwrap_or_default().to_owned(),
@@ -291,16 +406,24 @@ impl IntegrationKeys for DatastoreStore {
             status: entity.string("status").unwrap_or_default().to_owned(),
             // Keys written before tiers existed have none: the default tier.
             tier: entity.integer("tier").unwrap_or(0),
+            expires_at: state.expires_at,
         }))
     }
 }
 
 #[async_trait]
 impl AutojoinKeys for DatastoreStore {
-    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<String>, StoreError> {
+    async fn autojoin_org(&self, key: &AutojoinApiKey) -> Result<Option<AutojoinKeyRecord>, StoreError> {
         // Two results are enough to detect a key held by two organizations.
         let query = wire::equality_query(AUTOJOIN_KEY_KIND, "key", wire::string(key.secret().expose()), 2);
-        let response = self.client.run_query(&self.platform, query).await.map_err(|e| {
+        // The key's state (expiry) in parallel: its path is known from the hash.
+        let state_key = self.autojoin_state_key(&key.secret().sha256_hex());
+        let (response, state) = tokio::join!(
+            self.client.run_query(&self.platform, query),
+            self.client.lookup(std::slice::from_ref(&state_key), None)
+        );
+        let state = KeyState::from_entity(found_entity(&state?.found, &state_key));
+        let response = response.map_err(|e| {
             // The query carries the key; make sure no error text can.
             let text = e.to_string().replace(key.secret().expose(), "<redacted>");
             StoreError::from(match e {
@@ -320,7 +443,10 @@ impl AutojoinKeys for DatastoreStore {
             return Ok(None);
         };
         match result.entity.key.parent() {
-            Some(parent) if parent.kind == ORGANIZATION_KIND && parent.name.is_some() => Ok(parent.name.clone()),
+            Some(parent) if parent.kind == ORGANIZATION_KIND && parent.name.is_some() => Ok(Some(AutojoinKeyRecord {
+                org: parent.name.clone().unwrap_or_default(),
+                expires_at: state.expires_at,
+            })),
             _ => {
                 tracing::error!(
                     fingerprint = %key.fingerprint(),
@@ -389,6 +515,18 @@ impl Admin for DatastoreStore {
                             ("tier", wire::integer(new.tier)),
                         ]),
                     ));
+                    let state = KeyState {
+                        expires_at: new.expires_at,
+                        ..KeyState::default()
+                    };
+                    mutations.push(state.upsert(self.integration_state_key(&new.integration_id, &new.key_id)));
+                    let record = AuditRecord::new(&self.operator, "integration create")
+                        .key(&new.integration_id, &new.key_id)
+                        .change(
+                            None,
+                            Some(key_state(STATUS_ACTIVE, new.tier, state.expires_text().as_deref())),
+                        );
+                    mutations.push(self.audit(&record));
                     Ok((create, mutations))
                 }
             })
@@ -421,7 +559,10 @@ impl Admin for DatastoreStore {
                 ("probability_multiplier", wire::double(1.0)),
             ]),
         );
-        match self.client.commit(None, vec![mutation]).await {
+        let record = AuditRecord::new(&self.operator, "autojoin create-org")
+            .org(name)
+            .change(None, Some(json!({ "email": email })));
+        match self.client.commit(None, vec![mutation, self.audit(&record)]).await {
             Err(CallError::AlreadyExists(_)) => Err(StoreError::AlreadyExists(format!("organization {name}"))),
             other => Ok(other?),
         }
@@ -432,8 +573,10 @@ impl Admin for DatastoreStore {
         org: &str,
         key: &AutojoinApiKey,
         now: OffsetDateTime,
+        expires_at: Option<OffsetDateTime>,
     ) -> Result<(), StoreError> {
         let org_key = Self::key(&self.platform, &[(ORGANIZATION_KIND, org)]);
+        let hash = key.secret().sha256_hex();
         let plaintext = key.secret().expose();
         let key_key = Self::key(
             &self.platform,
@@ -441,7 +584,7 @@ impl Admin for DatastoreStore {
         );
         let result = self
             .in_transaction(|tx| {
-                let (org_key, key_key) = (org_key.clone(), key_key.clone());
+                let (org_key, key_key, hash) = (org_key.clone(), key_key.clone(), hash.clone());
                 async move {
                     if !self.exists(&org_key, &tx).await? {
                         return Err(TxError::Store(StoreError::NotFound(format!("organization {org}"))));
@@ -450,7 +593,22 @@ impl Admin for DatastoreStore {
                         key_key,
                         properties([("created_at", wire::timestamp(now)), ("key", wire::string(plaintext))]),
                     );
-                    Ok(((), vec![mutation]))
+                    let state = KeyState {
+                        expires_at,
+                        ..KeyState::default()
+                    };
+                    let record = AuditRecord::new(&self.operator, "autojoin create-key")
+                        .org(org)
+                        .fingerprint(&crate::api_key::fingerprint_of_hash(&hash))
+                        .change(None, Some(autojoin_key_state(state.expires_text().as_deref())));
+                    Ok((
+                        (),
+                        vec![
+                            mutation,
+                            state.upsert(self.autojoin_state_key(&hash)),
+                            self.audit(&record),
+                        ],
+                    ))
                 }
             })
             .await;
@@ -491,18 +649,27 @@ impl Admin for DatastoreStore {
                 None,
             )
             .await?;
-        let mut keys: Vec<KeyInfo> = entities.iter().map(key_info).collect();
+        let state_keys: Vec<Key> = entities
+            .iter()
+            .map(|e| self.integration_state_key(integration_id, e.key.name().unwrap_or_default()))
+            .collect();
+        let states = self.lookup_all(&state_keys).await?;
+        let mut keys: Vec<KeyInfo> = entities
+            .iter()
+            .zip(&state_keys)
+            .map(|(e, state_key)| key_info(e, &KeyState::from_entity(found_entity(&states, state_key))))
+            .collect();
         keys.sort_by(|a, b| a.key_id.cmp(&b.key_id));
         Ok(keys)
     }
 
     async fn get_integration_key(&self, integration_id: &str, key_id: &str) -> Result<KeyInfo, StoreError> {
         let key = self.integration_key_path(integration_id, key_id);
-        let found = self.client.lookup(std::slice::from_ref(&key), None).await?;
-        found
-            .found
-            .first()
-            .map(|r| key_info(&r.entity))
+        let state_key = self.integration_state_key(integration_id, key_id);
+        let found = self.client.lookup(&[key.clone(), state_key.clone()], None).await?;
+        let state = KeyState::from_entity(found_entity(&found.found, &state_key));
+        found_entity(&found.found, &key)
+            .map(|e| key_info(e, &state))
             .ok_or_else(|| key_not_found(integration_id, key_id))
     }
 
@@ -525,11 +692,28 @@ impl Admin for DatastoreStore {
                     )
                     .await?;
                 let count = keys.len();
-                let mut mutations: Vec<Value> = keys.into_iter().map(|e| json!({ "delete": e.key })).collect();
+                let states = Self::key(&self.own, &[(INTEGRATION_STATE_PARENT_KIND, integration_id)]);
+                let states = self
+                    .client
+                    .run_query_all(
+                        &self.own,
+                        wire::ancestor_query(KEY_STATE_KIND, &states, true),
+                        Some(&tx),
+                    )
+                    .await?;
+                let mut mutations: Vec<Value> = keys
+                    .into_iter()
+                    .chain(states)
+                    .map(|e| json!({ "delete": e.key }))
+                    .collect();
                 mutations.push(json!({ "delete": meta }));
                 mutations.push(self.publish(&Invalidation::Integration {
                     integration_id: integration_id.to_owned(),
                 }));
+                let record = AuditRecord::new(&self.operator, "integration delete")
+                    .integration(integration_id)
+                    .change(Some(json!({ "keys": count })), None);
+                mutations.push(self.audit(&record));
                 Ok((count, mutations))
             }
         })
@@ -543,25 +727,55 @@ impl Admin for DatastoreStore {
         change: KeyChange,
     ) -> Result<(), StoreError> {
         let key = self.integration_key_path(integration_id, key_id);
+        let state_key = self.integration_state_key(integration_id, key_id);
+        let action = match &change {
+            KeyChange::Status(status) if status == STATUS_REVOKED => "key revoke",
+            KeyChange::Status(_) => "key activate",
+            KeyChange::Tier(_) => "key set-tier",
+            KeyChange::Expiry(_) => "key set-expiry",
+        };
         self.in_transaction(|tx| {
-            let (key, change) = (key.clone(), change.clone());
+            let (key, state_key, change) = (key.clone(), state_key.clone(), change.clone());
             async move {
-                let found = self.client.lookup(std::slice::from_ref(&key), Some(&tx)).await?;
-                let Some(result) = found.found.into_iter().next() else {
+                let found = self.client.lookup(&[key.clone(), state_key.clone()], Some(&tx)).await?;
+                let Some(entity) = found_entity(&found.found, &key) else {
                     return Err(TxError::Store(key_not_found(integration_id, key_id)));
                 };
                 // Everything else stays exactly as stored, including any
                 // property another program wrote.
-                let mut entity = result.entity;
-                match change {
-                    KeyChange::Status(status) => entity.properties.insert("status".into(), wire::string(&status)),
-                    KeyChange::Tier(tier) => entity.properties.insert("tier".into(), wire::integer(tier)),
+                let mut entity = entity.clone();
+                let mut state = KeyState::from_entity(found_entity(&found.found, &state_key));
+                let audited = |e: &Entity, s: &KeyState| {
+                    key_state(
+                        e.string("status").unwrap_or_default(),
+                        e.integer("tier").unwrap_or(0),
+                        s.expires_text().as_deref(),
+                    )
                 };
-                let published = self.publish(&Invalidation::IntegrationKey {
+                let before = audited(&entity, &state);
+                let mut mutations = Vec::new();
+                match change {
+                    KeyChange::Status(status) => {
+                        entity.properties.insert("status".into(), wire::string(&status));
+                    }
+                    KeyChange::Tier(tier) => {
+                        entity.properties.insert("tier".into(), wire::integer(tier));
+                    }
+                    KeyChange::Expiry(expires_at) => {
+                        state.expires_at = expires_at;
+                        mutations.push(state.upsert(state_key));
+                    }
+                }
+                let record = AuditRecord::new(&self.operator, action)
+                    .key(integration_id, key_id)
+                    .change(Some(before), Some(audited(&entity, &state)));
+                mutations.push(json!({ "update": entity }));
+                mutations.push(self.audit(&record));
+                mutations.push(self.publish(&Invalidation::IntegrationKey {
                     integration_id: integration_id.to_owned(),
                     key_id: key_id.to_owned(),
-                });
-                Ok(((), vec![json!({ "update": entity }), published]))
+                }));
+                Ok(((), mutations))
             }
         })
         .await
@@ -569,17 +783,36 @@ impl Admin for DatastoreStore {
 
     async fn delete_integration_key(&self, integration_id: &str, key_id: &str) -> Result<(), StoreError> {
         let key = self.integration_key_path(integration_id, key_id);
+        let state_key = self.integration_state_key(integration_id, key_id);
         self.in_transaction(|tx| {
-            let key = key.clone();
+            let (key, state_key) = (key.clone(), state_key.clone());
             async move {
-                if !self.exists(&key, &tx).await? {
+                let found = self.client.lookup(&[key.clone(), state_key.clone()], Some(&tx)).await?;
+                let Some(entity) = found_entity(&found.found, &key) else {
                     return Err(TxError::Store(key_not_found(integration_id, key_id)));
-                }
+                };
+                let state = KeyState::from_entity(found_entity(&found.found, &state_key));
+                let before = key_state(
+                    entity.string("status").unwrap_or_default(),
+                    entity.integer("tier").unwrap_or(0),
+                    state.expires_text().as_deref(),
+                );
+                let record = AuditRecord::new(&self.operator, "key delete")
+                    .key(integration_id, key_id)
+                    .change(Some(before), None);
                 let published = self.publish(&Invalidation::IntegrationKey {
                     integration_id: integration_id.to_owned(),
                     key_id: key_id.to_owned(),
                 });
-                Ok(((), vec![json!({ "delete": key }), published]))
+                Ok((
+                    (),
+                    vec![
+                        json!({ "delete": key }),
+                        json!({ "delete": state_key }),
+                        self.audit(&record),
+                        published,
+                    ],
+                ))
             }
         })
         .await
@@ -604,13 +837,24 @@ impl Admin for DatastoreStore {
     }
 
     async fn list_autojoin_keys(&self, org: &str) -> Result<Vec<AutojoinKeyInfo>, StoreError> {
-        let mut keys: Vec<AutojoinKeyInfo> = self
-            .org_keys(org, None)
-            .await?
+        let entities = self.org_keys(org, None).await?;
+        let state_keys: Vec<Key> = entities
             .iter()
-            .map(|e| AutojoinKeyInfo {
-                fingerprint: fingerprint_of(e),
-                created_at: e.timestamp("created_at"),
+            .map(|e| self.autojoin_state_key(&fingerprint_of_full(e)))
+            .collect();
+        let states = self.lookup_all(&state_keys).await?;
+        let mut keys: Vec<AutojoinKeyInfo> = entities
+            .iter()
+            .zip(&state_keys)
+            .map(|(e, state_key)| {
+                let state = KeyState::from_entity(found_entity(&states, state_key));
+                AutojoinKeyInfo {
+                    fingerprint: fingerprint_of(e),
+                    created_at: e.timestamp("created_at"),
+                    expires_at: state.expires_text(),
+                    last_used_at: state.last_used_at.map(rfc3339),
+                    tokens_issued: state.tokens_issued,
+                }
             })
             .collect();
         keys.sort_by(|a, b| (&a.created_at, &a.fingerprint).cmp(&(&b.created_at, &b.fingerprint)));
@@ -618,31 +862,16 @@ impl Admin for DatastoreStore {
     }
 
     async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError> {
-        check_fingerprint(fingerprint)?;
-        self.in_transaction(|tx| async move {
-            let keys = self.org_keys(org, Some(&tx)).await?;
-            let matches: Vec<&Entity> = keys
-                .iter()
-                .filter(|e| fingerprint_of_full(e).starts_with(fingerprint))
-                .collect();
-            match matches.as_slice() {
-                [] => Err(TxError::Store(StoreError::NotFound(format!(
-                    "a key with fingerprint {fingerprint} in organization {org}"
-                )))),
-                [one] => Ok((
-                    (),
-                    vec![
-                        json!({ "delete": one.key }),
-                        self.publish(&Invalidation::Organization { org: org.to_owned() }),
-                    ],
-                )),
-                _ => Err(TxError::Store(StoreError::Ambiguous(format!(
-                    "{} keys of organization {org} start with {fingerprint}; give more of the fingerprint",
-                    matches.len()
-                )))),
-            }
-        })
-        .await
+        self.change_autojoin_key(org, fingerprint, None).await
+    }
+
+    async fn set_autojoin_expiry(
+        &self,
+        org: &str,
+        fingerprint: &str,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<(), StoreError> {
+        self.change_autojoin_key(org, fingerprint, Some(expires_at)).await
     }
 
     async fn delete_org(&self, org: &str) -> Result<usize, StoreError> {
@@ -652,11 +881,159 @@ impl Admin for DatastoreStore {
             async move {
                 let keys = self.org_keys(org, Some(&tx)).await?;
                 let count = keys.len();
+                let states: Vec<Value> = keys
+                    .iter()
+                    .map(|e| json!({ "delete": self.autojoin_state_key(&fingerprint_of_full(e)) }))
+                    .collect();
                 let mut mutations: Vec<Value> = keys.into_iter().map(|e| json!({ "delete": e.key })).collect();
+                mutations.extend(states);
                 mutations.push(json!({ "delete": org_key }));
                 mutations.push(self.publish(&Invalidation::Organization { org: org.to_owned() }));
+                let record = AuditRecord::new(&self.operator, "autojoin delete-org")
+                    .org(org)
+                    .change(Some(json!({ "keys": count })), None);
+                mutations.push(self.audit(&record));
                 Ok((count, mutations))
             }
+        })
+        .await
+    }
+
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        // A transaction per batch, so concurrent replicas add up instead of
+        // overwriting each other's counts.
+        for batch in usage.chunks(USAGE_BATCH) {
+            let keys: Vec<Key> = batch
+                .iter()
+                .map(|u| match &u.key {
+                    UsageKey::Integration { integration_id, key_id } => {
+                        self.integration_state_key(integration_id, key_id)
+                    }
+                    UsageKey::Autojoin { key_hash } => self.autojoin_state_key(key_hash),
+                })
+                .collect();
+            self.in_transaction(|tx| {
+                let keys = keys.clone();
+                async move {
+                    let found = self.client.lookup(&keys, Some(&tx)).await?;
+                    let mutations = batch
+                        .iter()
+                        .zip(keys)
+                        .map(|(u, key)| {
+                            let mut state = KeyState::from_entity(found_entity(&found.found, &key));
+                            state.tokens_issued = state
+                                .tokens_issued
+                                .saturating_add(i64::try_from(u.tokens).unwrap_or(i64::MAX));
+                            state.last_used_at = state.last_used_at.max(Some(u.last_used_at));
+                            state.upsert(key)
+                        })
+                        .collect();
+                    Ok(((), mutations))
+                }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut query = json!({
+            "kind": [{ "name": AUDIT_KIND }],
+            "order": [{ "property": { "name": "at" }, "direction": "ASCENDING" }],
+        });
+        if let Some(since) = filter.since {
+            query["filter"] = json!({ "propertyFilter": {
+                "property": { "name": "at" },
+                "op": "GREATER_THAN_OR_EQUAL",
+                "value": wire::timestamp(since),
+            } });
+        }
+        let entities = self.client.run_query_all(&self.own, query, None).await?;
+        let records = entities.iter().map(|e| {
+            let text = |name: &str| e.string(name).map(str::to_owned);
+            let json = |name: &str| e.string(name).and_then(|t| serde_json::from_str(t).ok());
+            AuditRecord {
+                at: e.timestamp("at"),
+                operator: text("operator").unwrap_or_default(),
+                action: text("action").unwrap_or_default(),
+                integration_id: text("integration_id"),
+                key_id: text("key_id"),
+                org: text("org"),
+                fingerprint: text("fingerprint"),
+                before: json("before"),
+                after: json("after"),
+            }
+        });
+        Ok(records.filter(|r| filter.matches(r)).collect())
+    }
+}
+
+/// Usage of this many keys is written per transaction (well under
+/// Datastore's 500 mutations per commit).
+const USAGE_BATCH: usize = 200;
+
+impl DatastoreStore {
+    /// Looks up any number of keys (in batches of Datastore's limit).
+    async fn lookup_all(&self, keys: &[Key]) -> Result<Vec<wire::EntityResult>, StoreError> {
+        let mut found = Vec::new();
+        for batch in keys.chunks(1000) {
+            found.extend(self.client.lookup(batch, None).await?.found);
+        }
+        Ok(found)
+    }
+
+    /// Deletes (`expiry` None) or sets the expiry of (`Some`) the one key of
+    /// `org` whose hash starts with `fingerprint`.
+    async fn change_autojoin_key(
+        &self,
+        org: &str,
+        fingerprint: &str,
+        expiry: Option<Option<OffsetDateTime>>,
+    ) -> Result<(), StoreError> {
+        check_fingerprint(fingerprint)?;
+        self.in_transaction(|tx| async move {
+            let keys = self.org_keys(org, Some(&tx)).await?;
+            let matches: Vec<&Entity> = keys
+                .iter()
+                .filter(|e| fingerprint_of_full(e).starts_with(fingerprint))
+                .collect();
+            let one = match matches.as_slice() {
+                [] => {
+                    return Err(TxError::Store(StoreError::NotFound(format!(
+                        "a key with fingerprint {fingerprint} in organization {org}"
+                    ))));
+                }
+                [one] => *one,
+                _ => {
+                    return Err(TxError::Store(StoreError::Ambiguous(format!(
+                        "{} keys of organization {org} start with {fingerprint}; give more of the fingerprint",
+                        matches.len()
+                    ))));
+                }
+            };
+            let hash = fingerprint_of_full(one);
+            let state_key = self.autojoin_state_key(&hash);
+            let found = self.client.lookup(std::slice::from_ref(&state_key), Some(&tx)).await?;
+            let mut state = KeyState::from_entity(found_entity(&found.found, &state_key));
+            let before = Some(autojoin_key_state(state.expires_text().as_deref()));
+            let (record, mut mutations) = match expiry {
+                None => (
+                    AuditRecord::new(&self.operator, "autojoin delete-key").change(before, None),
+                    vec![json!({ "delete": one.key }), json!({ "delete": state_key })],
+                ),
+                Some(expires_at) => {
+                    state.expires_at = expires_at;
+                    let after = Some(autojoin_key_state(state.expires_text().as_deref()));
+                    (
+                        AuditRecord::new(&self.operator, "autojoin set-expiry").change(before, after),
+                        vec![state.upsert(state_key)],
+                    )
+                }
+            };
+            let record = record.org(org).fingerprint(&crate::api_key::fingerprint_of_hash(&hash));
+            mutations.push(self.audit(&record));
+            mutations.push(self.publish(&Invalidation::Organization { org: org.to_owned() }));
+            Ok(((), mutations))
         })
         .await
     }
