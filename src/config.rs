@@ -123,6 +123,9 @@ impl ExpiryArgs {
             }
             (None, at) => at,
         };
+        // Whole seconds, as JWT times are: what is stored, printed and
+        // put in `exp` is then the same instant.
+        let at = at.map(|t| t.replace_nanosecond(0).unwrap_or(t));
         if at.is_some_and(|t| t <= time::OffsetDateTime::now_utc()) {
             return Err("the expiry is not in the future".into());
         }

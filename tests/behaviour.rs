@@ -54,6 +54,9 @@ for_each_backend!(
     the_autojoin_lifecycle_from_the_cli,
     revocation_reaches_every_replica_within_seconds,
     a_change_feed_cut_off_by_an_outage_recovers_and_flushes,
+    keys_expire_and_tokens_never_outlive_them,
+    usage_is_written_off_the_request_path_and_finds_unused_keys,
+    the_audit_log_records_each_change_and_no_secret,
 );
 
 fn verify(token: &str, jwks: &jsonwebtoken::jwk::JwkSet, alg: Algorithm, audience: &str) -> Value {
@@ -1315,4 +1318,336 @@ async fn a_change_feed_cut_off_by_an_outage_recovers_and_flushes(backend: Backen
             .await;
         assert!(took < REVOCATION_BOUND, "{took:?}");
     }
+}
+
+/// The claims of a token, unverified (other tests verify tokens).
+fn payload(token: &str) -> Value {
+    use base64::Engine as _;
+    let part = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+}
+
+async fn token_from(replica: &support::Replica, route: &str, api_key: &str) -> Value {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v0/token/{route}", replica.base))
+        .json(&json!({ "api_key": api_key }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    payload(body["token"].as_str().unwrap())
+}
+
+fn rfc3339_in(seconds: i64) -> (String, i64) {
+    let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds);
+    let at = at.replace_nanosecond(0).unwrap();
+    (
+        at.format(&time::format_description::well_known::Rfc3339).unwrap(),
+        at.unix_timestamp(),
+    )
+}
+
+/// Waits (up to 5 s) until `route` refuses `api_key` on `replica`.
+async fn refused_soon(replica: &support::Replica, route: &str, api_key: &str) {
+    let since = std::time::Instant::now();
+    replica
+        .refused_after(route, api_key, since, Duration::from_secs(5))
+        .await;
+}
+
+async fn keys_expire_and_tokens_never_outlive_them(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let replica = support::Replica::start(&ws, &ws.store_flags, &[], &[]);
+    // Far from its expiry, a key's tokens live their usual 20 s.
+    let created = ws.admin_json(&[
+        "integration",
+        "create",
+        "--integration-id",
+        "exp",
+        "--expires-in",
+        "90d",
+    ]);
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    let key_id = created["key_id"].as_str().unwrap().to_owned();
+    let expiry = created["expires_at"].as_str().unwrap().to_owned();
+    let claims = token_from(&replica, "integration", &key).await;
+    assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 20);
+    let shown = ws.admin_json(&["integration", "show", "--integration-id", "exp"]);
+    assert_eq!(shown["keys"][0]["expires_at"].as_str().unwrap(), expiry);
+
+    // Close to it, a token ends when the key does.
+    let (soon, soon_unix) = rfc3339_in(4);
+    ws.admin_json(&[
+        "key",
+        "set-expiry",
+        "--integration-id",
+        "exp",
+        "--key-id",
+        &key_id,
+        "--expires-at",
+        &soon,
+    ]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let claims = token_from(&replica, "integration", &key).await;
+    assert_eq!(claims["exp"].as_i64().unwrap(), soon_unix, "capped at the key's expiry");
+    // Past it: the usual refusal, even from the cache.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    refused_soon(&replica, "integration", &key).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/v0/token/integration", replica.base))
+        .json(&json!({ "api_key": key }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.text().await.unwrap(), "Invalid API key\n");
+    // Cleared: accepted again.
+    ws.admin_json(&[
+        "key",
+        "set-expiry",
+        "--integration-id",
+        "exp",
+        "--key-id",
+        &key_id,
+        "--never",
+    ]);
+    let since = std::time::Instant::now();
+    while replica.status("integration", &key).await != 200 {
+        assert!(since.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shown = ws.admin_json(&["integration", "show", "--integration-id", "exp"]);
+    assert_eq!(shown["keys"][0]["expires_at"], Value::Null);
+
+    // Autojoin keys: the same, for their hour-long tokens.
+    ws.admin(&["autojoin", "create-org", "--org", "exp-org", "--email", "a@example.org"]);
+    let created = ws.admin_json(&["autojoin", "create-key", "--org", "exp-org", "--expires-in", "30m"]);
+    let org_key = created["api_key"].as_str().unwrap().to_owned();
+    let expiry = time::OffsetDateTime::parse(
+        created["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let claims = token_from(&replica, "autojoin", &org_key).await;
+    assert_eq!(claims["exp"].as_i64().unwrap(), expiry.unix_timestamp());
+    let listed = ws.admin_json(&["autojoin", "list-keys", "--org", "exp-org"]);
+    let fingerprint = listed["keys"][0]["fingerprint"].as_str().unwrap().to_owned();
+    assert!(listed["keys"][0]["expires_at"].is_string());
+    let (soon, _) = rfc3339_in(2);
+    ws.admin_json(&[
+        "autojoin",
+        "set-expiry",
+        "--org",
+        "exp-org",
+        "--fingerprint",
+        &fingerprint,
+        "--expires-at",
+        &soon,
+    ]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    refused_soon(&replica, "autojoin", &org_key).await;
+
+    // Expiries must be in the future.
+    let out = ws.admin(&[
+        "integration",
+        "create",
+        "--integration-id",
+        "exp",
+        "--expires-at",
+        "2001-01-01T00:00:00Z",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the future"));
+}
+
+async fn usage_is_written_off_the_request_path_and_finds_unused_keys(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let used = ws.admin_json(&["integration", "create", "--integration-id", "use"]);
+    let used_key = used["api_key"].as_str().unwrap().to_owned();
+    let used_id = used["key_id"].as_str().unwrap().to_owned();
+    let idle = ws.admin_json(&["integration", "create", "--integration-id", "use"]);
+    let idle_id = idle["key_id"].as_str().unwrap().to_owned();
+    let org_key = ws.autojoin_key("use-org");
+    let replica = support::Replica::start(&ws, &ws.store_flags, &[], &["--usage-flush-interval", "1s"]);
+    // Old enough to count as unused for 5 s.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for _ in 0..5 {
+        assert_eq!(replica.status("integration", &used_key).await, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(replica.status("autojoin", &org_key).await, 200);
+    }
+    let exchanged = time::OffsetDateTime::now_utc();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let shown = loop {
+        let shown = ws.admin_json(&["integration", "show", "--integration-id", "use"]);
+        if shown["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["tokens_issued"] == 5)
+        {
+            break shown;
+        }
+        assert!(std::time::Instant::now() < deadline, "usage not written: {shown}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let key = |id: &str| {
+        shown["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["key_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let last = time::OffsetDateTime::parse(
+        key(&used_id)["last_used_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(
+        (exchanged - last).abs() < time::Duration::minutes(1),
+        "{last} vs {exchanged}"
+    );
+    assert_eq!(key(&idle_id)["tokens_issued"], 0);
+    assert_eq!(key(&idle_id)["last_used_at"], Value::Null);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = ws.admin_json(&["autojoin", "list-keys", "--org", "use-org"]);
+        if listed["keys"][0]["tokens_issued"] == 3 {
+            assert!(listed["keys"][0]["last_used_at"].is_string());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "autojoin usage not written: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Dead keys: the idle one (created 6 s ago, never used), not the used one.
+    let unused = ws.admin_json(&["integration", "list", "--unused-for", "5s"]);
+    let ids: Vec<&str> = unused["unused_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&idle_id.as_str()), "{unused}");
+    assert!(!ids.contains(&used_id.as_str()), "{unused}");
+    let unused = ws.admin_json(&["integration", "list", "--unused-for", "30d"]);
+    assert_eq!(unused["unused_keys"].as_array().unwrap().len(), 0, "{unused}");
+}
+
+async fn the_audit_log_records_each_change_and_no_secret(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let created = ws.admin_json(&["integration", "create", "--integration-id", "aud", "--tier", "1"]);
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    let key_id = created["key_id"].as_str().unwrap().to_owned();
+    ws.admin_json(&["key", "revoke", "--integration-id", "aud", "--key-id", &key_id]);
+    ws.admin_json(&[
+        "key",
+        "set-tier",
+        "--integration-id",
+        "aud",
+        "--key-id",
+        &key_id,
+        "--tier",
+        "2",
+    ]);
+    let (until, _) = rfc3339_in(3600);
+    ws.admin_json(&[
+        "key",
+        "set-expiry",
+        "--integration-id",
+        "aud",
+        "--key-id",
+        &key_id,
+        "--expires-at",
+        &until,
+    ]);
+    ws.admin_json(&["key", "delete", "--integration-id", "aud", "--key-id", &key_id]);
+    let org_key = ws.autojoin_key("aud-org");
+    let fingerprint = ws.admin_json(&["autojoin", "list-keys", "--org", "aud-org"])["keys"][0]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ws.admin_json(&[
+        "autojoin",
+        "delete-key",
+        "--org",
+        "aud-org",
+        "--fingerprint",
+        &fingerprint,
+    ]);
+
+    let log = ws.admin_json(&["audit", "list", "--integration-id", "aud"]);
+    let records = log["records"].as_array().unwrap();
+    let actions: Vec<&str> = records.iter().map(|r| r["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions,
+        [
+            "integration create",
+            "key revoke",
+            "key set-tier",
+            "key set-expiry",
+            "key delete"
+        ]
+    );
+    let state = |status: &str, tier: i64, expires: Option<&str>| json!({ "status": status, "tier": tier, "expires_at": expires });
+    let changes: Vec<(&Value, &Value)> = records.iter().map(|r| (&r["before"], &r["after"])).collect();
+    assert_eq!(changes[0], (&Value::Null, &state("active", 1, None)));
+    assert_eq!(changes[1], (&state("active", 1, None), &state("revoked", 1, None)));
+    assert_eq!(changes[2], (&state("revoked", 1, None), &state("revoked", 2, None)));
+    assert_eq!(
+        changes[3],
+        (&state("revoked", 2, None), &state("revoked", 2, Some(&until)))
+    );
+    assert_eq!(changes[4], (&state("revoked", 2, Some(&until)), &Value::Null));
+    for r in records {
+        assert_eq!(r["integration_id"], "aud");
+        assert_eq!(r["key_id"], key_id.as_str());
+        assert!(!r["operator"].as_str().unwrap().is_empty());
+        assert!(r["at"].is_string());
+    }
+
+    let log = ws.admin_json(&["audit", "list", "--org", "aud-org"]);
+    let actions: Vec<&str> = log["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["autojoin create-org", "autojoin create-key", "autojoin delete-key"]
+    );
+    assert_eq!(log["records"][2]["fingerprint"], fingerprint.as_str());
+
+    // Everything, as text and JSON: never a key, a secret or a hash.
+    let all = ws.admin(&["audit", "list", "--json"]);
+    let text = ws.admin(&["audit", "list"]);
+    let secret = key.rsplit('.').next().unwrap();
+    let hash = {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes());
+        d.as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    for out in [&all.stdout, &text.stdout] {
+        let out = String::from_utf8_lossy(out);
+        assert!(out.contains("key set-tier"), "{out}");
+        for secret in [secret, &hash, &org_key] {
+            assert!(!out.contains(secret), "a secret in the audit log: {out}");
+        }
+    }
+    let since = ws.admin_json(&["audit", "list", "--since", "1h", "--integration-id", "aud"]);
+    assert_eq!(since["records"].as_array().unwrap().len(), 5);
+    let (later, _) = rfc3339_in(60);
+    let none = ws.admin_json(&["audit", "list", "--since", &later]);
+    assert_eq!(none["records"].as_array().unwrap().len(), 0);
 }

@@ -130,6 +130,104 @@ async fn the_cli_writes_exactly_the_shared_layout() {
     assert_eq!(entity["properties"]["key"]["stringValue"], plaintext);
     // The key property is indexed: the autojoin query depends on it.
     assert!(entity["properties"]["key"].get("excludeFromIndexes").is_none());
+
+    // Expiry, usage and audit records never add a property to these kinds:
+    // after each command that writes them, Go's structs still load.
+    let integration_key_layout = property_types(&key);
+    let autojoin_key_layout = property_types(&entity);
+    let fingerprint = ws.admin_json(&["autojoin", "list-keys", "--org", "layout-org"])["keys"][0]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let app = spawn_app(&ws).await;
+    let commands: [&[&str]; 6] = [
+        &[
+            "key",
+            "set-expiry",
+            "--integration-id",
+            "layout",
+            "--key-id",
+            "ki_layout",
+            "--expires-in",
+            "30d",
+        ],
+        &[
+            "key",
+            "set-tier",
+            "--integration-id",
+            "layout",
+            "--key-id",
+            "ki_layout",
+            "--tier",
+            "4",
+        ],
+        &["key", "revoke", "--integration-id", "layout", "--key-id", "ki_layout"],
+        &[
+            "key",
+            "set-expiry",
+            "--integration-id",
+            "layout",
+            "--key-id",
+            "ki_layout",
+            "--never",
+        ],
+        &[
+            "autojoin",
+            "set-expiry",
+            "--org",
+            "layout-org",
+            "--fingerprint",
+            &fingerprint,
+            "--expires-in",
+            "1d",
+        ],
+        &["key", "activate", "--integration-id", "layout", "--key-id", "ki_layout"],
+    ];
+    for args in commands {
+        let out = ws.admin(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let key = seed
+            .datastore_lookup(
+                false,
+                &[("IntegrationMeta", "layout"), ("IntegrationAPIKey", "ki_layout")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(property_types(&key), integration_key_layout, "after {args:?}");
+        let entity = seed
+            .datastore_lookup(true, &[("Organization", "layout-org"), ("APIKey", plaintext)])
+            .await
+            .unwrap();
+        assert_eq!(property_types(&entity), autojoin_key_layout, "after {args:?}");
+    }
+    // Usage, written by a server, goes to our own kinds too.
+    assert_eq!(app.status("autojoin", plaintext).await, 200);
+    let store = token_exchange::store::open(&ws.store_args).await.unwrap();
+    store
+        .record_usage(&[token_exchange::store::KeyUsage {
+            key: token_exchange::store::UsageKey::Integration {
+                integration_id: "layout".into(),
+                key_id: "ki_layout".into(),
+            },
+            last_used_at: time::OffsetDateTime::now_utc(),
+            tokens: 3,
+        }])
+        .await
+        .unwrap();
+    let key = seed
+        .datastore_lookup(
+            false,
+            &[("IntegrationMeta", "layout"), ("IntegrationAPIKey", "ki_layout")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(property_types(&key), integration_key_layout);
+    let shown = ws.admin_json(&["integration", "show", "--integration-id", "layout"]);
+    assert_eq!(shown["keys"][0]["tokens_issued"], 3);
 }
 
 #[tokio::test]
