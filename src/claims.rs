@@ -138,4 +138,17 @@ mod tests {
         assert!(v.get("tier").is_none() && v.get("sub").is_none());
         assert_ne!(c.jti, Claims::new(Principal::Autojoin { org: "m".into() }, now).jti);
     }
+
+    #[test]
+    fn a_token_never_outlives_its_key() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        let principal = Principal::Autojoin { org: "mlab".into() };
+        let at = |secs: i64| Some(time::OffsetDateTime::from_unix_timestamp(secs).unwrap());
+        assert_eq!(Claims::new(principal.clone(), now).not_after(None).exp, 4_600);
+        assert_eq!(Claims::new(principal.clone(), now).not_after(at(2_000)).exp, 2_000);
+        assert_eq!(Claims::new(principal.clone(), now).not_after(at(4_600)).exp, 4_600);
+        assert_eq!(Claims::new(principal.clone(), now).not_after(at(9_999)).exp, 4_600);
+        // An expiry before 1970 (a broken store) ends the token at once.
+        assert_eq!(Claims::new(principal, now).not_after(at(-5)).exp, 0);
+    }
 }

@@ -657,6 +657,27 @@ pub struct CreateOrgArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expiries_are_whole_seconds_in_the_future() {
+        let none = ExpiryArgs::default();
+        assert_eq!(none.expiry().unwrap(), None);
+        let later = ExpiryArgs {
+            expires_in: Some(Duration::from_secs(90 * 86_400)),
+            expires_at: None,
+        };
+        let at = later.expiry().unwrap().unwrap();
+        assert_eq!(at.nanosecond(), 0);
+        let expected = time::OffsetDateTime::now_utc() + time::Duration::days(90);
+        assert!((expected - at).abs() < time::Duration::seconds(5));
+        let past = ExpiryArgs {
+            expires_in: None,
+            expires_at: Some(parse_instant("2001-01-01T00:00:00Z").unwrap()),
+        };
+        assert!(past.expiry().unwrap_err().contains("not in the future"));
+        assert!(parse_instant("tomorrow").is_err());
+        assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86_400));
+    }
     use clap::CommandFactory as _;
 
     #[test]
