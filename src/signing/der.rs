@@ -83,4 +83,23 @@ mod tests {
         assert!(rsa_private_key_from_pkcs8(&[0x31, 0x00]).is_none());
         assert!(rsa_private_key_from_pkcs8(&[0x30, 0x85, 1, 1, 1, 1, 1]).is_none());
     }
+
+    /// Lengths at the edges of what DER allows and this reader accepts.
+    #[test]
+    fn tlv_lengths() {
+        // Short form, and long form with exactly the bytes it announces.
+        assert_eq!(tlv(&[2, 1, 0xaa, 7], 2), Some((&[0xaa][..], &[7][..])));
+        assert_eq!(tlv(&[2, 0x81, 0], 2), Some((&[][..], &[][..])));
+        assert_eq!(tlv(&[2, 0x84, 0, 0, 0, 1, 0xaa], 2), Some((&[0xaa][..], &[][..])));
+        let long: Vec<u8> = [vec![2, 0x82, 0x01, 0x00], vec![9; 256]].concat();
+        assert_eq!(tlv(&long, 2).map(|(v, _)| v.len()), Some(256));
+        // BER's indefinite length, more than 4 length bytes, a length
+        // longer than the input, a truncated length, a wrong tag.
+        assert_eq!(tlv(&[2, 0x80, 0, 0], 2), None);
+        assert_eq!(tlv(&[2, 0x85, 0, 0, 0, 0, 1, 0xaa], 2), None);
+        assert_eq!(tlv(&[2, 2, 0xaa], 2), None);
+        assert_eq!(tlv(&[2, 0x82, 0x01], 2), None);
+        assert_eq!(tlv(&[3, 1, 0xaa], 2), None);
+        assert_eq!(tlv(&[], 2), None);
+    }
 }

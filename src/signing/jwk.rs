@@ -335,4 +335,47 @@ mod tests {
         mismatched["x"] = public_of(&private(Algorithm::EdDsa).1)["x"].clone();
         assert!(matches!(load(mismatched), Err(JwkError::InvalidKeyPair(_))));
     }
+
+    /// RSA moduli: exactly 2048 to 8192 bits, without a leading zero byte.
+    #[test]
+    fn rsa_modulus_sizes_at_the_limits() {
+        let (_, rsa) = private(Algorithm::Rs256);
+        let with_modulus = |n: Vec<u8>| {
+            let mut key = public_of(&rsa);
+            key["n"] = json!(URL_SAFE_NO_PAD.encode(n));
+            public_keys_from_json(key.to_string().as_bytes())
+        };
+        let sized = |len: usize| {
+            let mut n = vec![0xc5u8; len];
+            n[len - 1] = 0x01;
+            n
+        };
+        assert!(with_modulus(sized(256)).is_ok(), "2048 bits");
+        assert!(with_modulus(sized(1024)).is_ok(), "8192 bits");
+        for len in [255, 1025] {
+            assert!(matches!(with_modulus(sized(len)), Err(JwkError::InvalidKeyPair(_))), "{len} bytes");
+        }
+        let mut leading_zero = sized(300);
+        leading_zero[0] = 0;
+        assert!(matches!(with_modulus(leading_zero), Err(JwkError::InvalidKeyPair(_))));
+    }
+
+    /// RFC 7638's member sets for EC and OKP keys, written out by hand.
+    #[test]
+    fn thumbprints_of_ec_and_okp_keys() {
+        let (_, ec) = private(Algorithm::Es256);
+        let (_, ed) = private(Algorithm::EdDsa);
+        let sha = |text: String| {
+            URL_SAFE.encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes()).as_ref())
+        };
+        let members = |v: &Value| serde_json::from_value::<JwkMembers>(v.clone()).unwrap();
+        let expected_ec = sha(format!(
+            r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+            ec["x"].as_str().unwrap(),
+            ec["y"].as_str().unwrap()
+        ));
+        assert_eq!(thumbprint(&members(&ec)), expected_ec);
+        let expected_ed = sha(format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, ed["x"].as_str().unwrap()));
+        assert_eq!(thumbprint(&members(&ed)), expected_ed);
+    }
 }
