@@ -353,7 +353,10 @@ mod tests {
         assert!(with_modulus(sized(256)).is_ok(), "2048 bits");
         assert!(with_modulus(sized(1024)).is_ok(), "8192 bits");
         for len in [255, 1025] {
-            assert!(matches!(with_modulus(sized(len)), Err(JwkError::InvalidKeyPair(_))), "{len} bytes");
+            assert!(
+                matches!(with_modulus(sized(len)), Err(JwkError::InvalidKeyPair(_))),
+                "{len} bytes"
+            );
         }
         let mut leading_zero = sized(300);
         leading_zero[0] = 0;
@@ -375,7 +378,10 @@ mod tests {
             ec["y"].as_str().unwrap()
         ));
         assert_eq!(thumbprint(&members(&ec)), expected_ec);
-        let expected_ed = sha(format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, ed["x"].as_str().unwrap()));
+        let expected_ed = sha(format!(
+            r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
+            ed["x"].as_str().unwrap()
+        ));
         assert_eq!(thumbprint(&members(&ed)), expected_ed);
     }
 }

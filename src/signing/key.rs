@@ -339,7 +339,10 @@ mod tests {
     fn debug_names_the_key_and_never_its_secret() {
         let (key, jwk) = SigningKey::generate(Algorithm::EdDsa, Some("k-1".to_owned())).unwrap();
         let shown = format!("{key:?}");
-        assert!(shown.starts_with("SigningKey {") && shown.contains("k-1") && shown.contains("EdDsa"), "{shown}");
+        assert!(
+            shown.starts_with("SigningKey {") && shown.contains("k-1") && shown.contains("EdDsa"),
+            "{shown}"
+        );
         let private: serde_json::Value = serde_json::from_str(&jwk).unwrap();
         assert!(!shown.contains(private["d"].as_str().unwrap()), "{shown}");
     }
