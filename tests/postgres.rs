@@ -117,6 +117,7 @@ fn migrate_creates_the_schema_and_is_idempotent() {
         tables.lines().collect::<Vec<_>>(),
         [
             "_sqlx_migrations",
+            "audit_log",
             "autojoin_keys",
             "integration_keys",
             "integrations",
