@@ -62,3 +62,123 @@ fn apply(cache: &KeyCache, metrics: &Metrics, notice: &ChangeNotice) {
     }
     tracing::debug!(what = ?notice.what, dropped, "applied a published change");
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::cache::{CacheSettings, Grant, ManualClock, Verdict, cache_key};
+    use crate::claims::Principal;
+    use crate::store::{StoreError, UsageKey};
+
+    /// A feed that gives scripted answers, then waits forever.
+    struct Scripted {
+        answers: Arc<Mutex<VecDeque<Result<Vec<ChangeNotice>, StoreError>>>>,
+        recoveries: u64,
+    }
+
+    #[async_trait::async_trait]
+    impl ChangeFeed for Scripted {
+        async fn next(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
+            let next = self.answers.lock().unwrap().pop_front();
+            match next {
+                Some(Err(e)) => {
+                    self.recoveries += 1;
+                    Err(e)
+                }
+                Some(answer) => answer,
+                None => std::future::pending().await,
+            }
+        }
+
+        fn recoveries(&self) -> u64 {
+            self.recoveries
+        }
+    }
+
+    async fn cache_valid(cache: &KeyCache, key: &str) {
+        let grant = Grant {
+            principal: Principal::Autojoin { org: "org".into() },
+            expires_at: None,
+            usage: UsageKey::Autojoin { key_hash: key.into() },
+        };
+        let verdict = cache
+            .verdict(cache_key(b'a', key), || async move { Ok(Verdict::Valid(grant)) })
+            .await;
+        assert!(matches!(verdict, Ok(Verdict::Valid(_))));
+    }
+
+    #[tokio::test]
+    async fn a_failing_feed_is_retried_and_its_recovery_flushes_the_cache() {
+        let metrics = Arc::new(Metrics::new());
+        let cache = Arc::new(KeyCache::new(
+            CacheSettings::default(),
+            Arc::new(ManualClock::new()),
+            metrics.clone(),
+        ));
+        cache_valid(&cache, "k1").await;
+        cache_valid(&cache, "k2").await;
+        let stamped = OffsetDateTime::now_utc() - time::Duration::seconds(2);
+        let answers = Arc::new(Mutex::new(VecDeque::from([
+            Err(StoreError::Unavailable("the store is down".into())),
+            Ok(vec![ChangeNotice {
+                what: Invalidation::Everything,
+                at: None,
+            }]),
+            Ok(vec![ChangeNotice {
+                what: Invalidation::Organization { org: "nobody".into() },
+                at: Some(stamped),
+            }]),
+        ])));
+        let feed = Scripted {
+            answers: answers.clone(),
+            recoveries: 0,
+        };
+        let follower = tokio::spawn(follow(Box::new(feed), cache.clone(), metrics.clone()));
+        let started = Instant::now();
+        while metrics.invalidations_applied.get() < 2 {
+            assert!(started.elapsed() < Duration::from_secs(10), "changes not applied");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // One pause after the failure, not a busy loop.
+        assert!(started.elapsed() >= RETRY_PAUSE, "{:?}", started.elapsed());
+        assert!(answers.lock().unwrap().is_empty());
+        assert_eq!(metrics.invalidations_received.get(), 2);
+        assert_eq!(metrics.key_cache_flushes.get(), 1, "only Everything flushes");
+        assert_eq!(metrics.change_feed_recoveries.get(), 1);
+        // Only the stamped change has a lag, of about 2 s.
+        assert_eq!(metrics.invalidation_lag.get_sample_count(), 1);
+        let lag = metrics.invalidation_lag.get_sample_sum();
+        assert!((2.0..10.0).contains(&lag), "lag {lag}");
+        // The flush dropped both cached keys: the next ask reaches the store.
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = asked.clone();
+        let _ = cache
+            .verdict(cache_key(b'a', "k1"), || async move {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(Verdict::Invalid("gone".into()))
+            })
+            .await;
+        assert!(asked.load(std::sync::atomic::Ordering::SeqCst), "k1 was still cached");
+        follower.abort();
+    }
+
+    #[test]
+    fn a_change_from_a_clock_ahead_of_ours_counts_as_no_lag() {
+        let metrics = Metrics::new();
+        let cache = KeyCache::new(
+            CacheSettings::default(),
+            Arc::new(ManualClock::new()),
+            Arc::new(Metrics::new()),
+        );
+        let ahead = ChangeNotice {
+            what: Invalidation::Organization { org: "o".into() },
+            at: Some(OffsetDateTime::now_utc() + time::Duration::minutes(5)),
+        };
+        apply(&cache, &metrics, &ahead);
+        assert_eq!(metrics.invalidation_lag.get_sample_sum(), 0.0);
+        assert_eq!(metrics.key_cache_flushes.get(), 0);
+    }
+}
