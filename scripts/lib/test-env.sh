@@ -62,9 +62,22 @@ enter_coverage_env() {
 
 # The per-file table and the total; fails below the floors.
 coverage_report() {
+    local table status=0
+    table=$(mktemp)
     cargo llvm-cov report --ignore-filename-regex "$COVERAGE_IGNORE" \
         --fail-under-lines "$COVERAGE_TOTAL_FLOOR" \
-        --fail-under-file-lines "$COVERAGE_FILE_FLOOR"
+        --fail-under-file-lines "$COVERAGE_FILE_FLOOR" | tee "$table" || status=$?
+    if ((status != 0)); then
+        # cargo-llvm-cov fails without saying why; the 10th column is the
+        # share of lines covered.
+        echo "coverage below the floors (${COVERAGE_TOTAL_FLOOR} % of lines in total, ${COVERAGE_FILE_FLOOR} % in every file):" >&2
+        awk -v file="$COVERAGE_FILE_FLOOR" -v total="$COVERAGE_TOTAL_FLOOR" '
+            $10 ~ /%$/ { cover = $10 + 0
+                         if (($1 == "TOTAL" && cover < total) || ($1 != "TOTAL" && cover < file)) print "  " $1 " " $10 }
+        ' "$table" >&2
+    fi
+    rm -f "$table"
+    return "$status"
 }
 
 free_port() {
