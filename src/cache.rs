@@ -627,6 +627,18 @@ mod tests {
     /// Each published change drops exactly the entries it covers, plus
     /// every refusal; a dropped entry is asked for again and cannot answer
     /// stale while the store is down.
+    #[test]
+    fn everything_covers_every_principal() {
+        for verdict in [integration("acme", "ki_1"), valid("mlab")] {
+            let Verdict::Valid(grant) = verdict else { unreachable!() };
+            assert!(covers(&Invalidation::Everything, &grant.principal));
+            assert!(!covers(
+                &Invalidation::Organization { org: "x".into() },
+                &grant.principal
+            ));
+        }
+    }
+
     #[tokio::test]
     async fn invalidations_drop_what_they_cover_and_no_more() {
         let f = fixture(100);
@@ -653,6 +665,14 @@ mod tests {
         assert_eq!(f.cache.invalidate(&key("beta", "ki_2")), 0);
         let org = Invalidation::Organization { org: "mlab".into() };
         assert_eq!(f.cache.invalidate(&org), 1);
+        assert_eq!(f.cache.len(), (3, 0));
+        let calls = f.calls();
+        assert_eq!(
+            f.ask("o2", Err("down")).await.unwrap(),
+            valid("other"),
+            "another organization's key stays"
+        );
+        assert_eq!(f.calls(), calls);
         let whole = Invalidation::Integration {
             integration_id: "acme".into(),
         };

@@ -84,6 +84,11 @@ struct Fixture {
 }
 
 fn fixture(alg: Algorithm) -> Fixture {
+    fixture_with(alg, |_| {})
+}
+
+/// A fixture whose store `more` adds to before it is shared.
+fn fixture_with(alg: Algorithm, more: impl FnOnce(&mut FakeStore)) -> Fixture {
     let mut store = FakeStore::default();
     let mut add = |int: &str, status: &str, tier: i64| {
         let key = IntegrationApiKey::generate(int, None);
@@ -109,6 +114,7 @@ fn fixture(alg: Algorithm) -> Fixture {
             expires_at: None,
         },
     );
+    more(&mut store);
     let store = Arc::new(store);
     let (key, _) = SigningKey::generate(alg, None).unwrap();
     let settings = Settings {
@@ -859,4 +865,43 @@ async fn openapi_describes_exactly_what_the_router_serves() {
         .collect();
     let expected: BTreeSet<_> = documented.difference(&unprovoked).cloned().collect();
     assert_eq!(served, expected);
+}
+
+/// An integration key expiring at `expires_at` (Unix seconds), in `store`.
+fn expiring_key(store: &mut FakeStore, expires_at: u64) -> String {
+    let key = IntegrationApiKey::generate("acme", None);
+    let expiry = time::OffsetDateTime::from_unix_timestamp(i64::try_from(expires_at).unwrap()).unwrap();
+    store.integration.insert(
+        ("acme".into(), key.key_id().into()),
+        IntegrationKeyRecord {
+            key_hash: key.secret().sha256_hex(),
+            status: "active".into(),
+            tier: 0,
+            expires_at: Some(expiry),
+        },
+    );
+    key.to_secret_string().expose().to_owned()
+}
+
+#[tokio::test]
+async fn an_expired_key_is_refused_and_a_token_never_outlives_its_key() {
+    let mut keys = Vec::new();
+    // The clock reads NOW + 0.999 s.
+    let f = fixture_with(Algorithm::EdDsa, |store| {
+        for expiry in [NOW + 10, NOW + 3600, NOW, NOW - 1] {
+            keys.push(expiring_key(store, expiry));
+        }
+    });
+    let path = "/v0/token/integration";
+    let (_, claims) = token_parts(&exchange(&f.state, path, &keys[0]).await);
+    assert_eq!(claims["exp"], NOW + 10, "capped at the key's expiry");
+    let (_, claims) = token_parts(&exchange(&f.state, path, &keys[1]).await);
+    assert_eq!(claims["exp"], NOW + 20, "the usual lifetime when the key outlives it");
+    for expired in &keys[2..] {
+        assert_refused(
+            &exchange(&f.state, path, expired).await,
+            StatusCode::UNAUTHORIZED,
+            "Invalid API key\n",
+        );
+    }
 }

@@ -96,6 +96,9 @@ mod tests {
         // BER's indefinite length, more than 4 length bytes, a length
         // longer than the input, a truncated length, a wrong tag.
         assert_eq!(tlv(&[2, 0x80, 0, 0], 2), None);
+        // 0x80 is the indefinite length, which DER forbids: never a length of 128.
+        let indefinite: Vec<u8> = [2, 0x80].into_iter().chain([0; 200]).collect();
+        assert_eq!(tlv(&indefinite, 2), None);
         assert_eq!(tlv(&[2, 0x85, 0, 0, 0, 0, 1, 0xaa], 2), None);
         assert_eq!(tlv(&[2, 2, 0xaa], 2), None);
         assert_eq!(tlv(&[2, 0x82, 0x01], 2), None);
