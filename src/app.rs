@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use crate::cache::KeyCache;
 use crate::http::{AppState, MAX_HEADER_BYTES, Settings, metrics_router, router};
 use crate::metrics::Metrics;
+use crate::rate_limit::RateLimits;
 use crate::signing::KeySet;
 use crate::store::{Bounded, Instrumented, Lookups, StoreHealth};
 use crate::validate::Validator;
@@ -34,6 +35,9 @@ impl AppState {
         let bounded = Arc::new(Bounded::new(store, settings.store_timeout));
         let instrumented = Arc::new(Instrumented::new(bounded, metrics.clone(), health.clone()));
         let cache = Arc::new(KeyCache::new(settings.cache, settings.clock.clone(), metrics.clone()));
+        // As many limiters as cached keys: only valid keys get one.
+        let rate_limits = RateLimits::new(settings.rate_limits.clone(), settings.cache.capacity)
+            .map(|limits| Arc::new(limits.reporting_to(metrics.rate_limiters.clone())));
         Self {
             keys: Arc::new(ArcSwap::new(keys)),
             validator: Validator::new(instrumented.clone(), instrumented, cache),
@@ -42,6 +46,7 @@ impl AppState {
             health,
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
             usage: Arc::default(),
+            rate_limits,
             settings,
         }
     }

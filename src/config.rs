@@ -53,6 +53,9 @@ pub struct Cli {
     pub log_level: Option<String>,
 }
 
+// Parsed once at start-up and matched once: boxing the large variant
+// would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP server.
@@ -351,6 +354,23 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = crate::http::DEFAULT_MAX_CONNECTIONS as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Limits on tokens per integration key, by the key's tier:
+    /// `TIER=RATE,...` with RATE like `2/s:burst=20` (units s, m, h, d;
+    /// the burst defaults to the count) or `unlimited`; tier `*` covers the
+    /// tiers not listed. Over the limit the answer is 429. Off by default.
+    #[arg(long, env = "TIER_RATE_LIMITS", value_name = "LIMITS",
+          value_parser = crate::rate_limit::parse_tier_limits)]
+    pub tier_rate_limits: Option<crate::rate_limit::TierLimits>,
+    /// Limit on tokens per integration, all its keys together (a RATE as
+    /// in --tier-rate-limits). Off by default.
+    #[arg(long, env = "INTEGRATION_RATE_LIMIT", value_name = "RATE",
+          value_parser = crate::rate_limit::parse_rate)]
+    pub integration_rate_limit: Option<crate::rate_limit::Rate>,
+    /// Limit on autojoin tokens per organization, all its keys together.
+    /// Off by default.
+    #[arg(long, env = "AUTOJOIN_RATE_LIMIT", value_name = "RATE",
+          value_parser = crate::rate_limit::parse_rate)]
+    pub autojoin_rate_limit: Option<crate::rate_limit::Rate>,
 }
 
 impl ServeArgs {
@@ -371,6 +391,11 @@ impl ServeArgs {
             header_read_timeout: self.header_read_timeout,
             body_read_timeout: self.body_read_timeout,
             max_connections: self.max_connections as usize,
+            rate_limits: crate::rate_limit::RateLimitSettings {
+                tiers: self.tier_rate_limits.clone().unwrap_or_default(),
+                integration: self.integration_rate_limit,
+                autojoin: self.autojoin_rate_limit,
+            },
             ..crate::http::Settings::default()
         }
     }

@@ -20,6 +20,8 @@
 //! - [`http`]: the router, one file per endpoint, the one place that maps
 //!   errors to status codes, and the one layer that logs and measures.
 //! - [`rotation`]: reloading the signing keys on SIGHUP or file change.
+//! - [`rate_limit`]: limits on minting per key (by tier), integration and
+//!   organization (off unless configured).
 //! - [`validate`]: turns a presented key into a [`claims::Principal`] or a refusal.
 //! - [`cache`]: the validation cache in front of the store (TTLs, single flight, stale-if-error).
 //! - [`store`]: the store traits, their backends (SQL, Datastore), readiness,
@@ -41,6 +43,7 @@ pub mod http;
 pub mod invalidation;
 pub mod json;
 pub mod metrics;
+pub mod rate_limit;
 pub mod rotation;
 pub mod signing;
 pub mod store;

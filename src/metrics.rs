@@ -52,6 +52,11 @@ pub struct Metrics {
     pub change_feed_recoveries: IntCounter,
     /// Times the whole cache was dropped (after a recovery, or a gap).
     pub key_cache_flushes: IntCounter,
+    /// Exchanges refused by a rate limit, by the key's tier (`autojoin` for
+    /// an organization's limit).
+    pub rate_limited: IntCounterVec,
+    /// Rate limiters held (one per limited key, integration, organization).
+    pub rate_limiters: IntGauge,
 }
 
 fn int_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -183,6 +188,21 @@ impl Metrics {
                 "Signing-key reloads, by result (success, failure).",
                 &["result"],
             ),
+            rate_limited: counter(
+                &registry,
+                "tokenexchange_rate_limited_total",
+                "Exchanges refused with 429 by a rate limit, by tier (autojoin for organizations).",
+                &["tier"],
+            ),
+            rate_limiters: {
+                let g = IntGauge::new(
+                    "tokenexchange_rate_limiters",
+                    "Rate limiters held: one per limited key, integration and organization seen.",
+                )
+                .expect("valid metric definition");
+                registry.register(Box::new(g.clone())).expect("metric registered once");
+                g
+            },
             key_cache_flights: {
                 let g = IntGauge::new(
                     "tokenexchange_key_cache_lookups_in_flight",

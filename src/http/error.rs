@@ -9,6 +9,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::FailureDetail;
+use crate::rate_limit::{Refusal, Standing};
 use crate::validate::Rejection;
 
 /// Seconds a caller should wait before retrying after a store failure.
@@ -50,6 +51,9 @@ pub enum ApiError {
     /// The client closed the connection before sending its whole body.
     #[error("the client went away while sending its body")]
     ClientGone,
+    /// A valid key over its (or its integration's, organization's) limit.
+    #[error("{0}")]
+    RateLimited(Box<Refusal>),
 }
 
 impl From<Rejection> for ApiError {
@@ -81,6 +85,7 @@ impl ApiError {
             // Nobody reads it; the status is for the access log and metrics
             // (nginx's "client closed request").
             ApiError::ClientGone => (CLIENT_CLOSED_REQUEST, "Client Closed Request\n"),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "Too many requests\n"),
         }
     }
 }
@@ -104,8 +109,28 @@ impl IntoResponse for ApiError {
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
+        if let ApiError::RateLimited(refusal) = &self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs));
+            insert_rate_limit_headers(headers, &refusal.standing);
+        }
         // The access log (one line per request) carries the detail.
         response.extensions_mut().insert(FailureDetail(self.to_string()));
         response
+    }
+}
+
+/// The IETF `RateLimit-Policy` and `RateLimit` headers
+/// (draft-ietf-httpapi-ratelimit-headers), on 429s and on tokens issued
+/// under a limit.
+pub fn insert_rate_limit_headers(headers: &mut axum::http::HeaderMap, standing: &Standing) {
+    const POLICY: header::HeaderName = header::HeaderName::from_static("ratelimit-policy");
+    const CURRENT: header::HeaderName = header::HeaderName::from_static("ratelimit");
+    // Both are digits, quotes, semicolons and fixed names: always valid.
+    if let (Ok(policy), Ok(current)) = (
+        HeaderValue::try_from(standing.policy()),
+        HeaderValue::try_from(standing.current()),
+    ) {
+        headers.insert(POLICY, policy);
+        headers.insert(CURRENT, current);
     }
 }

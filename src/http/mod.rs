@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 
 use crate::cache::{CacheSettings, Clock, SystemClock};
 use crate::metrics::Metrics;
+use crate::rate_limit::{RateLimitSettings, RateLimits};
 use crate::signing::SharedKeys;
 use crate::validate::Validator;
 
@@ -66,6 +67,8 @@ pub struct Settings {
     /// Open connections at most; past it the server stops accepting until
     /// one closes (the kernel's backlog holds the rest).
     pub max_connections: usize,
+    /// Limits on minting; all off by default.
+    pub rate_limits: RateLimitSettings,
 }
 
 /// Default deadline of a request: a store call, its retry, and signing,
@@ -107,6 +110,7 @@ impl Default for Settings {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            rate_limits: RateLimitSettings::default(),
         }
     }
 }
@@ -130,6 +134,8 @@ pub struct AppState {
     pub in_flight: Arc<Semaphore>,
     /// Tokens issued per key since usage was last written.
     pub usage: Arc<crate::usage::UsageRecorder>,
+    /// Limits on minting; `None` when none is configured.
+    pub rate_limits: Option<Arc<RateLimits>>,
     pub settings: Settings,
 }
 

@@ -823,6 +823,10 @@ async fn openapi_describes_exactly_what_the_router_serves() {
             &Method::POST,
             &call(&impatient, Method::POST, path, Body::new(stalled)).await,
         );
+        // Over a rate limit.
+        let limited = limited(&f.state, "*=1/h", Some("1/h"));
+        exchange(&limited, path, good).await;
+        see(path, &Method::POST, &exchange(&limited, path, good).await);
         f.store.down.store(true, Ordering::SeqCst);
         see(path, &Method::POST, &exchange(&f.state, path, good).await);
     }
@@ -904,4 +908,108 @@ async fn an_expired_key_is_refused_and_a_token_never_outlives_its_key() {
             "Invalid API key\n",
         );
     }
+}
+
+/// `state` with rate limits: per key by tier, and per organization.
+fn limited(state: &AppState, tiers: &str, autojoin: Option<&str>) -> AppState {
+    use crate::rate_limit::{Rate, RateLimitSettings, RateLimits, TierLimits};
+    let settings = RateLimitSettings {
+        tiers: TierLimits::parse(tiers).unwrap(),
+        integration: None,
+        autojoin: autojoin.map(|rate| Rate::parse(rate).unwrap()),
+    };
+    let mut state = state.clone();
+    state.rate_limits =
+        RateLimits::new(settings, 100).map(|l| Arc::new(l.reporting_to(state.metrics.rate_limiters.clone())));
+    state
+}
+
+#[tokio::test]
+async fn a_key_over_its_tier_limit_gets_429_with_retry_after_and_ratelimit_headers() {
+    let f = fixture(Algorithm::EdDsa);
+    let state = limited(&f.state, "0=1/m:burst=3,7=unlimited", Some("1/h:burst=1"));
+    let path = "/v0/token/integration";
+    for remaining in [2, 1, 0] {
+        let answer = exchange(&state, path, &f.active).await;
+        token_parts(&answer);
+        assert_eq!(answer.header("ratelimit-policy"), Some("\"key\";q=3;w=180"));
+        let reset = 60 * (3 - remaining);
+        assert_eq!(
+            answer.header("ratelimit"),
+            Some(format!("\"key\";r={remaining};t={reset}").as_str())
+        );
+    }
+    let answer = exchange(&state, path, &f.active).await;
+    assert_refused(&answer, StatusCode::TOO_MANY_REQUESTS, "Too many requests\n");
+    let retry: u64 = answer.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert_eq!(answer.header("ratelimit-policy"), Some("\"key\";q=3;w=180"));
+    assert_eq!(
+        answer.header("ratelimit"),
+        Some(format!("\"key\";r=0;t={retry}").as_str())
+    );
+    // An unlimited tier, and the refusal of a bad key, are untouched.
+    for _ in 0..10 {
+        let answer = exchange(&state, path, &f.tiered).await;
+        token_parts(&answer);
+        assert_eq!(answer.header("ratelimit"), None);
+    }
+    assert_refused(
+        &exchange(&state, path, &f.revoked).await,
+        StatusCode::UNAUTHORIZED,
+        "Invalid API key\n",
+    );
+    assert_refused(
+        &exchange(&state, path, "made-up").await,
+        StatusCode::UNAUTHORIZED,
+        "Invalid API key\n",
+    );
+    // The organization's own limit.
+    token_parts(&exchange(&state, "/v0/token/autojoin", &f.autojoin).await);
+    let answer = exchange(&state, "/v0/token/autojoin", &f.autojoin).await;
+    assert_refused(&answer, StatusCode::TOO_MANY_REQUESTS, "Too many requests\n");
+    assert_eq!(answer.header("ratelimit-policy"), Some("\"organization\";q=1;w=3600"));
+    let metrics = state.metrics.render();
+    assert!(
+        metrics.contains("tokenexchange_rate_limited_total{tier=\"0\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tokenexchange_rate_limited_total{tier=\"autojoin\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tokenexchange_rate_limiters 2"), "{metrics}");
+    assert!(
+        metrics.contains("tokenexchange_integration_requests_total{code=\"429\",method=\"post\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn refused_keys_take_nothing_from_a_limit() {
+    let f = fixture(Algorithm::EdDsa);
+    let state = limited(&f.state, "*=1/h:burst=1", None);
+    // Refusals (bad keys) never take from a limit, and never make a limiter.
+    for _ in 0..5 {
+        exchange(&state, "/v0/token/integration", &f.revoked).await;
+    }
+    assert!(state.rate_limits.as_ref().unwrap().is_empty());
+    token_parts(&exchange(&state, "/v0/token/integration", &f.active).await);
+    assert_eq!(
+        exchange(&state, "/v0/token/integration", &f.active).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test]
+async fn without_limits_there_is_no_limiter_and_no_header() {
+    let f = fixture(Algorithm::EdDsa);
+    assert!(f.state.rate_limits.is_none());
+    for _ in 0..50 {
+        let answer = exchange(&f.state, "/v0/token/integration", &f.active).await;
+        token_parts(&answer);
+        assert_eq!(answer.header("ratelimit"), None);
+        assert_eq!(answer.header("ratelimit-policy"), None);
+    }
+    assert!(!f.state.metrics.render().contains("tokenexchange_rate_limited_total{"));
 }

@@ -521,7 +521,7 @@ pub struct Replica {
     pub base: String,
     metrics: String,
     client: reqwest::Client,
-    _log: std::sync::mpsc::Receiver<String>,
+    log: std::sync::mpsc::Receiver<String>,
 }
 
 impl Replica {
@@ -545,8 +545,14 @@ impl Replica {
             base: format!("http://{}", local(addr)),
             metrics: format!("http://{}/metrics", local(metrics)),
             client: reqwest::Client::new(),
-            _log: log,
+            log,
         }
+    }
+
+    /// The log lines written since the last call.
+    #[allow(dead_code)] // not every test binary reads the log
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.try_iter().collect()
     }
 
     pub async fn status(&self, route: &str, api_key: &str) -> u16 {
