@@ -73,9 +73,11 @@ mod tests {
     use crate::claims::Principal;
     use crate::store::{StoreError, UsageKey};
 
+    type Script = Arc<Mutex<VecDeque<Result<Vec<ChangeNotice>, StoreError>>>>;
+
     /// A feed that gives scripted answers, then waits forever.
     struct Scripted {
-        answers: Arc<Mutex<VecDeque<Result<Vec<ChangeNotice>, StoreError>>>>,
+        answers: Script,
         recoveries: u64,
     }
 
@@ -121,7 +123,7 @@ mod tests {
         cache_valid(&cache, "k1").await;
         cache_valid(&cache, "k2").await;
         let stamped = OffsetDateTime::now_utc() - time::Duration::seconds(2);
-        let answers = Arc::new(Mutex::new(VecDeque::from([
+        let answers: Script = Arc::new(Mutex::new(VecDeque::from([
             Err(StoreError::Unavailable("the store is down".into())),
             Ok(vec![ChangeNotice {
                 what: Invalidation::Everything,
