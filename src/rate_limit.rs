@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
-use governor::middleware::StateInformationMiddleware;
+use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{NotUntil, Quota};
 use lru::LruCache;
@@ -194,16 +194,14 @@ impl Scope {
     }
 }
 
-/// Where a subject stands against one limit, for the IETF `RateLimit` and
-/// `RateLimit-Policy` headers (draft-ietf-httpapi-ratelimit-headers).
+/// Where a refused subject stands against the limit it met, for the IETF
+/// `RateLimit` and `RateLimit-Policy` headers
+/// (draft-ietf-httpapi-ratelimit-headers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Standing {
     pub scope: Scope,
     pub rate: Rate,
-    /// Tokens that may still be taken at once.
-    pub remaining: u32,
-    /// Whole seconds until the burst is whole again (or, when refused, until
-    /// the next token may be taken).
+    /// Whole seconds until the next token may be taken.
     pub reset_secs: u64,
 }
 
@@ -219,9 +217,9 @@ impl Standing {
         )
     }
 
-    /// `"key";r=3;t=9`.
+    /// `"key";r=0;t=9`: nothing left, and when the next token is due.
     pub fn current(&self) -> String {
-        format!("\"{}\";r={};t={}", self.scope.name(), self.remaining, self.reset_secs)
+        format!("\"{}\";r=0;t={}", self.scope.name(), self.reset_secs)
     }
 }
 
@@ -248,7 +246,7 @@ impl fmt::Display for Refusal {
     }
 }
 
-type Limiter<C> = governor::RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+type Limiter<C> = governor::RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// The limiters of one process.
 pub struct RateLimits<C: Clock = DefaultClock> {
@@ -302,57 +300,41 @@ impl<C: Clock + Clone> RateLimits<C> {
 
     /// Takes one token for `principal` from each limit that applies: its
     /// key's (by tier), then its integration's, or its organization's.
-    /// Returns where it stands against the tightest limit, for the headers;
-    /// `Ok(None)` when no limit applies.
     ///
     /// A request refused by the integration's limit has already counted
     /// against its key's: refusing errs towards less, never more.
-    pub fn check(&self, principal: &Principal) -> Result<Option<Standing>, Refusal> {
+    pub fn check(&self, principal: &Principal) -> Result<(), Refusal> {
         match principal {
             Principal::Integration { int_id, key_id, tier } => {
                 let subject = || format!("key {key_id} of integration {int_id} (tier {tier})");
-                let key = match self.settings.tiers.for_tier(*tier) {
-                    Some(rate) => Some(self.take(
-                        format!("k\u{0}{int_id}\u{0}{key_id}\u{0}{tier}"),
-                        Scope::Key,
-                        rate,
-                        subject,
-                    )?),
-                    None => None,
-                };
-                let integration = match self.settings.integration {
-                    Some(rate) => Some(self.take(format!("i\u{0}{int_id}"), Scope::Integration, rate, subject)?),
-                    None => None,
-                };
-                Ok(tightest(key, integration))
+                if let Some(rate) = self.settings.tiers.for_tier(*tier) {
+                    let name = format!("k\u{0}{int_id}\u{0}{key_id}\u{0}{tier}");
+                    self.take(name, Scope::Key, rate, subject)?;
+                }
+                if let Some(rate) = self.settings.integration {
+                    self.take(format!("i\u{0}{int_id}"), Scope::Integration, rate, subject)?;
+                }
+                Ok(())
             }
             Principal::Autojoin { org } => match self.settings.autojoin {
-                Some(rate) => self
-                    .take(format!("o\u{0}{org}"), Scope::Organization, rate, || {
-                        format!("organization {org}")
-                    })
-                    .map(Some),
-                None => Ok(None),
+                Some(rate) => self.take(format!("o\u{0}{org}"), Scope::Organization, rate, || {
+                    format!("organization {org}")
+                }),
+                None => Ok(()),
             },
         }
     }
 
-    fn take(
-        &self,
-        name: String,
-        scope: Scope,
-        rate: Rate,
-        subject: impl FnOnce() -> String,
-    ) -> Result<Standing, Refusal> {
+    fn take(&self, name: String, scope: Scope, rate: Rate, subject: impl FnOnce() -> String) -> Result<(), Refusal> {
         let limiter = {
             let mut limiters = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
             match limiters.get(&name) {
                 Some(limiter) => limiter.clone(),
                 None => {
-                    let limiter = Arc::new(
-                        governor::RateLimiter::direct_with_clock(rate.quota(), self.clock.clone())
-                            .with_middleware::<StateInformationMiddleware>(),
-                    );
+                    let limiter = Arc::new(governor::RateLimiter::direct_with_clock(
+                        rate.quota(),
+                        self.clock.clone(),
+                    ));
                     limiters.put(name, limiter.clone());
                     if let Some(gauge) = &self.gauge {
                         gauge.set(i64::try_from(limiters.len()).unwrap_or(i64::MAX));
@@ -361,20 +343,9 @@ impl<C: Clock + Clone> RateLimits<C> {
                 }
             }
         };
-        let interval = rate.quota().replenish_interval();
-        match limiter.check() {
-            Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                let missing = rate.burst.get() - remaining.min(rate.burst.get());
-                Ok(Standing {
-                    scope,
-                    rate,
-                    remaining,
-                    reset_secs: whole_secs_up(interval * missing),
-                })
-            }
-            Err(not_until) => Err(self.refusal(&not_until, scope, rate, subject())),
-        }
+        limiter
+            .check()
+            .map_err(|not_until| self.refusal(&not_until, scope, rate, subject()))
     }
 
     fn refusal(&self, not_until: &NotUntil<C::Instant>, scope: Scope, rate: Rate, subject: String) -> Refusal {
@@ -383,20 +354,11 @@ impl<C: Clock + Clone> RateLimits<C> {
             standing: Standing {
                 scope,
                 rate,
-                remaining: 0,
                 reset_secs: wait,
             },
             retry_after_secs: wait,
             subject,
         }
-    }
-}
-
-/// The standing with fewer tokens left, which is the one a caller meets first.
-fn tightest(a: Option<Standing>, b: Option<Standing>) -> Option<Standing> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(if b.remaining < a.remaining { b } else { a }),
-        (a, b) => a.or(b),
     }
 }
 
@@ -482,9 +444,8 @@ mod tests {
     #[test]
     fn a_key_gets_exactly_its_burst_then_refusals_until_a_token_is_due() {
         let (limits, clock) = limits("0=2/s:burst=20");
-        for i in 0..20u32 {
-            let standing = limits.check(&key(0, "ki_a")).unwrap().unwrap();
-            assert_eq!(standing.remaining, 19 - i);
+        for _ in 0..20 {
+            limits.check(&key(0, "ki_a")).unwrap();
         }
         let refusal = limits.check(&key(0, "ki_a")).unwrap_err();
         assert_eq!(refusal.retry_after_secs, 1, "one token every 0.5 s, rounded up");
@@ -524,8 +485,7 @@ mod tests {
     fn retry_after_is_whole_seconds_until_the_next_token() {
         let (limits, clock) = limits("0=1/m:burst=2");
         limits.check(&key(0, "ki_a")).unwrap();
-        let standing = limits.check(&key(0, "ki_a")).unwrap().unwrap();
-        assert_eq!((standing.remaining, standing.reset_secs), (0, 120));
+        limits.check(&key(0, "ki_a")).unwrap();
         assert_eq!(limits.check(&key(0, "ki_a")).unwrap_err().retry_after_secs, 60);
         clock.advance(Duration::from_millis(59_500));
         assert_eq!(limits.check(&key(0, "ki_a")).unwrap_err().retry_after_secs, 1);
@@ -538,7 +498,7 @@ mod tests {
         assert!(limits.check(&key(0, "ki_0")).is_err());
         assert_eq!((0..10).filter(|_| limits.check(&key(1, "ki_1")).is_ok()).count(), 3);
         for _ in 0..1000 {
-            assert_eq!(limits.check(&key(2, "ki_2")), Ok(None));
+            assert_eq!(limits.check(&key(2, "ki_2")), Ok(()));
         }
         assert_eq!(limits.len(), 2, "no limiter for an unlimited tier");
     }
@@ -552,12 +512,7 @@ mod tests {
             autojoin: None,
         };
         let limits = RateLimits::with_clock(settings, 100, clock).unwrap();
-        let standing = limits.check(&key(0, "ki_a")).unwrap().unwrap();
-        assert_eq!(
-            (standing.scope, standing.remaining),
-            (Scope::Integration, 3),
-            "the tighter of the two"
-        );
+        limits.check(&key(0, "ki_a")).unwrap();
         limits.check(&key(0, "ki_b")).unwrap();
         limits.check(&key(0, "ki_c")).unwrap();
         limits.check(&key(0, "ki_a")).unwrap();
@@ -587,11 +542,8 @@ mod tests {
             (Scope::Organization, 3600)
         );
         assert!(limits.check(&org("b")).is_ok());
-        assert_eq!(
-            limits.check(&key(0, "ki_a")),
-            Ok(None),
-            "no integration limit configured"
-        );
+        assert_eq!(limits.check(&key(0, "ki_a")), Ok(()), "no integration limit configured");
+        assert_eq!(limits.len(), 2, "and no limiter made for it");
     }
 
     #[test]

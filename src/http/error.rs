@@ -120,9 +120,8 @@ impl IntoResponse for ApiError {
 }
 
 /// The IETF `RateLimit-Policy` and `RateLimit` headers
-/// (draft-ietf-httpapi-ratelimit-headers), on 429s and on tokens issued
-/// under a limit.
-pub fn insert_rate_limit_headers(headers: &mut axum::http::HeaderMap, standing: &Standing) {
+/// (draft-ietf-httpapi-ratelimit-headers) of a 429.
+fn insert_rate_limit_headers(headers: &mut axum::http::HeaderMap, standing: &Standing) {
     const POLICY: header::HeaderName = header::HeaderName::from_static("ratelimit-policy");
     const CURRENT: header::HeaderName = header::HeaderName::from_static("ratelimit");
     // Both are digits, quotes, semicolons and fixed names: always valid.

@@ -929,15 +929,12 @@ async fn a_key_over_its_tier_limit_gets_429_with_retry_after_and_ratelimit_heade
     let f = fixture(Algorithm::EdDsa);
     let state = limited(&f.state, "0=1/m:burst=3,7=unlimited", Some("1/h:burst=1"));
     let path = "/v0/token/integration";
-    for remaining in [2, 1, 0] {
+    for _ in 0..3 {
         let answer = exchange(&state, path, &f.active).await;
         token_parts(&answer);
-        assert_eq!(answer.header("ratelimit-policy"), Some("\"key\";q=3;w=180"));
-        let reset = 60 * (3 - remaining);
-        assert_eq!(
-            answer.header("ratelimit"),
-            Some(format!("\"key\";r={remaining};t={reset}").as_str())
-        );
+        // Only a refusal carries the headers.
+        assert_eq!(answer.header("ratelimit-policy"), None);
+        assert_eq!(answer.header("ratelimit"), None);
     }
     let answer = exchange(&state, path, &f.active).await;
     assert_refused(&answer, StatusCode::TOO_MANY_REQUESTS, "Too many requests\n");
