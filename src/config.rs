@@ -359,17 +359,17 @@ pub struct ServeArgs {
     /// the burst defaults to the count) or `unlimited`; tier `*` covers the
     /// tiers not listed. Over the limit the answer is 429. Off by default.
     #[arg(long, env = "TIER_RATE_LIMITS", value_name = "LIMITS",
-          value_parser = crate::rate_limit::parse_tier_limits)]
+          value_parser = crate::rate_limit::TierLimits::parse)]
     pub tier_rate_limits: Option<crate::rate_limit::TierLimits>,
     /// Limit on tokens per integration, all its keys together (a RATE as
     /// in --tier-rate-limits). Off by default.
     #[arg(long, env = "INTEGRATION_RATE_LIMIT", value_name = "RATE",
-          value_parser = crate::rate_limit::parse_rate)]
+          value_parser = crate::rate_limit::Rate::parse)]
     pub integration_rate_limit: Option<crate::rate_limit::Rate>,
     /// Limit on autojoin tokens per organization, all its keys together.
     /// Off by default.
     #[arg(long, env = "AUTOJOIN_RATE_LIMIT", value_name = "RATE",
-          value_parser = crate::rate_limit::parse_rate)]
+          value_parser = crate::rate_limit::Rate::parse)]
     pub autojoin_rate_limit: Option<crate::rate_limit::Rate>,
 }
 

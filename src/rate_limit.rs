@@ -148,16 +148,6 @@ impl TierLimits {
     }
 }
 
-/// Clap's parser for `--tier-rate-limits`.
-pub fn parse_tier_limits(text: &str) -> Result<TierLimits, String> {
-    TierLimits::parse(text)
-}
-
-/// Clap's parser for the single limits.
-pub fn parse_rate(text: &str) -> Result<Rate, String> {
-    Rate::parse(text)
-}
-
 /// Every configured limit; all off by default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RateLimitSettings {
@@ -398,7 +388,14 @@ mod tests {
         );
         assert_eq!(Rate::parse("5/hour").unwrap().per, Duration::from_secs(3600));
         assert_eq!(Rate::parse("5/d").unwrap().per, Duration::from_secs(86_400));
-        assert_eq!(Rate::parse("7/m:burst=3").unwrap().to_string(), "7/m:burst=3");
+        for (text, shown) in [
+            ("7/m:burst=3", "7/m:burst=3"),
+            ("2/second", "2/s:burst=2"),
+            ("5/h:burst=1", "5/h:burst=1"),
+            ("3/day", "3/d:burst=3"),
+        ] {
+            assert_eq!(Rate::parse(text).unwrap().to_string(), shown);
+        }
         for bad in [
             "",
             "2",
@@ -487,7 +484,11 @@ mod tests {
         limits.check(&key(0, "ki_a")).unwrap();
         limits.check(&key(0, "ki_a")).unwrap();
         assert_eq!(limits.check(&key(0, "ki_a")).unwrap_err().retry_after_secs, 60);
-        clock.advance(Duration::from_millis(59_500));
+        // 29.5 s to wait is 30 s: a caller that waits what it is told is
+        // not refused again.
+        clock.advance(Duration::from_millis(30_500));
+        assert_eq!(limits.check(&key(0, "ki_a")).unwrap_err().retry_after_secs, 30);
+        clock.advance(Duration::from_millis(29_000));
         assert_eq!(limits.check(&key(0, "ki_a")).unwrap_err().retry_after_secs, 1);
     }
 
@@ -553,10 +554,12 @@ mod tests {
             ..Default::default()
         };
         let limits = RateLimits::with_clock(settings, 10, FakeRelativeClock::default()).unwrap();
+        assert!(limits.is_empty());
         for i in 0..1000 {
             limits.check(&key(0, &format!("ki_{i}"))).unwrap();
         }
         assert_eq!(limits.len(), 10);
+        assert!(!limits.is_empty());
         // A tier change makes a new limiter; it does not inherit the old one.
         assert!(limits.check(&key(0, "ki_999")).is_err());
         assert!(limits.check(&key(1, "ki_999")).is_ok());
