@@ -59,6 +59,12 @@ pub struct Metrics {
     pub rate_limiters: IntGauge,
 }
 
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric definition");
+    registry.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
 fn int_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric definition");
     registry.register(Box::new(c.clone())).expect("metric registered once");
@@ -194,24 +200,16 @@ impl Metrics {
                 "Exchanges refused with 429 by a rate limit, by tier (autojoin for organizations).",
                 &["tier"],
             ),
-            rate_limiters: {
-                let g = IntGauge::new(
-                    "tokenexchange_rate_limiters",
-                    "Rate limiters held: one per limited key, integration and organization seen.",
-                )
-                .expect("valid metric definition");
-                registry.register(Box::new(g.clone())).expect("metric registered once");
-                g
-            },
-            key_cache_flights: {
-                let g = IntGauge::new(
-                    "tokenexchange_key_cache_lookups_in_flight",
-                    "Distinct keys being looked up in the store right now.",
-                )
-                .expect("valid metric definition");
-                registry.register(Box::new(g.clone())).expect("metric registered once");
-                g
-            },
+            rate_limiters: int_gauge(
+                &registry,
+                "tokenexchange_rate_limiters",
+                "Rate limiters held: one per limited key, integration and organization seen.",
+            ),
+            key_cache_flights: int_gauge(
+                &registry,
+                "tokenexchange_key_cache_lookups_in_flight",
+                "Distinct keys being looked up in the store right now.",
+            ),
             invalidations_received: int_counter(
                 &registry,
                 "tokenexchange_cache_invalidations_received_total",
