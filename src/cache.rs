@@ -237,8 +237,8 @@ impl KeyCache {
         }
     }
 
-    fn count(&self, result: &str) {
-        self.metrics.key_cache.with_label_values(&[result]).inc();
+    fn count(&self, result: &'static str) {
+        self.metrics.key_cache_outcome(result);
     }
 
     /// The verdict for `key`: from the cache while fresh, else from

@@ -3,6 +3,10 @@
 //! The first four series are the Go service's, with its names, labels and
 //! buckets, so existing dashboards and alerts keep working. The rest are new.
 
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode};
 use prometheus::{
     Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
@@ -57,6 +61,50 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// Rate limiters held (one per limited key, integration, organization).
     pub rate_limiters: IntGauge,
+    /// The children the request path uses most, bound once (see [`Bound`]).
+    hot: HotSeries,
+}
+
+/// A child of a labelled metric whose labels are known in advance, bound
+/// on first use and kept. On the request path a count is then one atomic
+/// add, instead of hashing the label values and reading the vector's map
+/// under its lock (an atomic write to a cache line every core shares).
+/// Bound on first use rather than at start, so a series still appears only
+/// once it has something to count, as with Go's client.
+struct Bound<T>(OnceLock<T>);
+
+impl<T> Default for Bound<T> {
+    fn default() -> Self {
+        Self(OnceLock::new())
+    }
+}
+
+impl<T> Bound<T> {
+    fn get(&self, bind: impl FnOnce() -> T) -> &T {
+        self.0.get_or_init(bind)
+    }
+}
+
+/// Routes with children bound for their answers that succeed.
+pub const BOUND_ROUTES: usize = 8;
+/// Integration tiers with a bound `tokens_issued` child; higher tiers take
+/// the lookup.
+const BOUND_TIERS: usize = 8;
+/// Validation cache outcomes, in the order [`Metrics::key_cache_outcome`]
+/// numbers them.
+const CACHE_OUTCOMES: [&str; 5] = ["hit", "negative_hit", "miss", "coalesced", "stale"];
+
+#[derive(Default)]
+struct HotSeries {
+    /// `http_requests` for (route, GET or POST, 200).
+    http_ok: [[Bound<IntCounter>; 2]; BOUND_ROUTES],
+    /// Go's series for (200, post): autojoin, then integration.
+    token_ok: [Bound<(IntCounter, Histogram)>; 2],
+    /// `tokens_issued`: autojoin, then integration tiers 0 to 7.
+    issued: [Bound<IntCounter>; 1 + BOUND_TIERS],
+    /// `signing_duration` by algorithm.
+    signing: [Bound<Histogram>; 3],
+    key_cache: [Bound<IntCounter>; CACHE_OUTCOMES.len()],
 }
 
 fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
@@ -244,6 +292,88 @@ impl Metrics {
             ),
             jwks_requests,
             registry,
+            hot: HotSeries::default(),
+        }
+    }
+
+    /// Counts a request in `http_requests`. `route` is the index of `path`
+    /// among the routes the caller serves (below [`BOUND_ROUTES`]), `None`
+    /// for any other path.
+    pub fn http_request(&self, path: &str, route: Option<usize>, method: &Method, status: StatusCode) {
+        let slot = match *method {
+            Method::GET => Some(0),
+            Method::POST => Some(1),
+            _ => None,
+        };
+        let labels = || [path, method_label(method), status.as_str()];
+        match (route, slot) {
+            (Some(route), Some(slot)) if status == StatusCode::OK && route < BOUND_ROUTES => self.hot.http_ok[route]
+                [slot]
+                .get(|| self.http_requests.with_label_values(&labels()))
+                .inc(),
+            _ => self.http_requests.with_label_values(&labels()).inc(),
+        }
+    }
+
+    /// Counts a POST that reached a token handler in Go's series.
+    pub fn token_request(&self, autojoin: bool, status: StatusCode, elapsed: Duration) {
+        let (counter, histogram) = if autojoin {
+            (&self.autojoin_requests, &self.autojoin_duration)
+        } else {
+            (&self.integration_requests, &self.integration_duration)
+        };
+        let labels = [status.as_str(), "post"];
+        if status == StatusCode::OK {
+            let (count, duration) = self.hot.token_ok[usize::from(!autojoin)]
+                .get(|| (counter.with_label_values(&labels), histogram.with_label_values(&labels)));
+            count.inc();
+            duration.observe(elapsed.as_secs_f64());
+        } else {
+            counter.with_label_values(&labels).inc();
+            histogram.with_label_values(&labels).observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// Counts a token in `tokens_issued`: `tier` is `None` for autojoin.
+    pub fn token_issued(&self, tier: Option<i64>) {
+        let slot = match tier {
+            None => Some(0),
+            Some(t) => usize::try_from(t).ok().filter(|t| *t < BOUND_TIERS).map(|t| t + 1),
+        };
+        let child = || {
+            let (audience, tier) = match tier {
+                None => ("autojoin", String::new()),
+                Some(t) => ("integration", t.to_string()),
+            };
+            self.tokens_issued.with_label_values(&[audience, tier.as_str()])
+        };
+        match slot {
+            Some(slot) => self.hot.issued[slot].get(child).inc(),
+            None => child().inc(),
+        }
+    }
+
+    /// Records the time one signature took with `alg`.
+    pub fn signing(&self, alg: crate::signing::Algorithm, elapsed: Duration) {
+        use crate::signing::Algorithm;
+        let slot = match alg {
+            Algorithm::Rs256 => 0,
+            Algorithm::Es256 => 1,
+            Algorithm::EdDsa => 2,
+        };
+        self.hot.signing[slot]
+            .get(|| self.signing_duration.with_label_values(&[alg.as_str()]))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a validation cache outcome: one of `hit`, `negative_hit`,
+    /// `miss`, `coalesced`, `stale`.
+    pub fn key_cache_outcome(&self, outcome: &'static str) {
+        match CACHE_OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(slot) => self.hot.key_cache[slot]
+                .get(|| self.key_cache.with_label_values(&[outcome]))
+                .inc(),
+            None => self.key_cache.with_label_values(&[outcome]).inc(),
         }
     }
 

@@ -5,7 +5,6 @@
 
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse as _, Response};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 
@@ -33,19 +32,20 @@ const PATH_ESCAPES: &AsciiSet = &CONTROLS
     .add(b'|')
     .add(b'}');
 
-pub(super) async fn redirect_unclean(request: Request, next: Next) -> Response {
+/// The redirect for a request whose path is not clean, or `None` when it is.
+pub(super) fn redirect_unclean(request: &Request) -> Option<Response> {
     // Go compares the decoded path with its cleaned form.
     let decoded = percent_decode_str(request.uri().path()).decode_utf8_lossy();
     let clean = clean_path(&decoded);
     if clean == decoded {
-        return next.run(request).await;
+        return None;
     }
     let mut location = utf8_percent_encode(&clean, PATH_ESCAPES).to_string();
     if let Some(query) = request.uri().query().filter(|q| !q.is_empty()) {
         location.push('?');
         location.push_str(query);
     }
-    moved_permanently(request.method(), &location)
+    Some(moved_permanently(request.method(), &location))
 }
 
 /// Go's `http.Redirect` with 301: a small HTML body for GET, the content

@@ -1,5 +1,7 @@
 //! `GET /.well-known/jwks.json`: the public keys verifiers check tokens with.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -10,7 +12,7 @@ use super::AppState;
 /// rotation runbook's waits are built on this value.
 const CACHE_CONTROL: &str = "public, max-age=3600, must-revalidate";
 
-pub(super) async fn jwks(State(state): State<AppState>) -> impl IntoResponse {
+pub(super) async fn jwks(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
         [
             (header::CONTENT_TYPE, "application/json"),

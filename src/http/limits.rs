@@ -3,6 +3,8 @@
 //! long. Too many or too long answer 503, like an unavailable store: the
 //! caller should try again shortly, perhaps on another replica.
 
+use std::sync::Arc;
+
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse as _, Response};
@@ -13,7 +15,7 @@ use axum::http::header;
 use super::observe::{Phase, Progress};
 use super::{ApiError, AppState, MAX_BODY_BYTES};
 
-pub(super) async fn limits(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub(super) async fn limits(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     // A declared size over the limit is refused before a byte of the body
     // is read. (A body without a declared size is cut off at the limit by
     // the body extractor.)
@@ -48,7 +50,7 @@ pub(super) async fn limits(State(state): State<AppState>, request: Request, next
 
     // Shed at once rather than queue: a queue only adds latency to every
     // request behind it, and the load balancer can retry elsewhere.
-    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+    let Ok(_permit) = state.in_flight.try_acquire() else {
         return ApiError::Overloaded.into_response();
     };
     match tokio::time::timeout(state.settings.request_timeout, next.run(request)).await {

@@ -2,6 +2,7 @@
 //! feeds the metrics, and writes the access log line, with the failure
 //! detail that handlers leave in the response (never in its body).
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
@@ -10,11 +11,9 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
-use tracing::Instrument as _;
 
 use super::AppState;
 use crate::claims::Principal;
-use crate::metrics::method_label;
 
 /// Header carrying the request ID, in and out.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -82,6 +81,7 @@ struct Abandoned<'a> {
     state: &'a AppState,
     method: &'a Method,
     path: &'static str,
+    route: Option<usize>,
     id: &'a str,
     started: Instant,
     progress: Progress,
@@ -94,10 +94,7 @@ impl Drop for Abandoned<'_> {
         }
         let phase = self.progress.get().label();
         let metrics = &self.state.metrics;
-        metrics
-            .http_requests
-            .with_label_values(&[self.path, method_label(self.method), "499"])
-            .inc();
+        metrics.http_request(self.path, self.route, self.method, super::error::CLIENT_CLOSED_REQUEST);
         metrics.requests_cancelled.with_label_values(&[self.path, phase]).inc();
         tracing::info!(
             method = %self.method,
@@ -130,25 +127,54 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         .filter(|v| v.as_bytes().iter().all(safe))
         .filter(|v| !v.as_bytes().starts_with(crate::api_key::PREFIX.as_bytes()))
         .cloned()
-        .unwrap_or_else(|| {
-            let mut random = [0u8; 16];
-            crate::api_key::fill_random(&mut random);
-            let id = uuid::Builder::from_random_bytes(random).into_uuid().to_string();
-            // Unwrap: a UUID is always a valid header value.
-            HeaderValue::from_str(&id).expect("UUID is a valid header value")
-        })
+        .unwrap_or_else(new_request_id)
 }
 
-fn loggable(path: &str) -> &'static str {
-    ROUTES.iter().find(|r| **r == path).copied().unwrap_or("other")
+thread_local! {
+    /// This thread's request IDs: 128 random bits drawn once, then counted
+    /// up from.
+    static NEXT_ID: Cell<u128> = Cell::new({
+        let mut seed = [0u8; 16];
+        crate::api_key::fill_random(&mut seed);
+        u128::from_le_bytes(seed)
+    });
 }
 
-pub(super) async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// A new request ID, shaped like a UUID (version 8, "custom").
+///
+/// An ID must be unique, not secret: a random start per thread and a
+/// counter make collisions as unlikely as random UUIDs (two threads or
+/// replicas would need starts within a few billion of each other out of
+/// 2^122) without a call to the system's random generator per request.
+fn new_request_id() -> HeaderValue {
+    let id = NEXT_ID.with(|next| {
+        let id = next.get();
+        next.set(id.wrapping_add(1));
+        id
+    });
+    let uuid = uuid::Builder::from_custom_bytes(id.to_be_bytes()).into_uuid();
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    // Unwrap: a UUID's text is always a valid header value.
+    HeaderValue::from_str(uuid.hyphenated().encode_lower(&mut text)).expect("UUID is a valid header value")
+}
+
+/// The index of `path` in [`ROUTES`], if it is one of them.
+fn route_of(path: &str) -> Option<usize> {
+    ROUTES.iter().position(|r| *r == path)
+}
+
+fn loggable(route: Option<usize>) -> &'static str {
+    route.map_or("other", |r| ROUTES[r])
+}
+
+pub(super) async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
-    let path = loggable(request.uri().path());
+    let route = route_of(request.uri().path());
+    let path = loggable(route);
     let id = request_id(request.headers());
-    let id_text = id.to_str().unwrap_or_default().to_owned();
+    // Unwrap: made or checked above to be visible ASCII.
+    let id_text = id.to_str().unwrap_or_default();
 
     let progress = Progress::default();
     let mut request = request;
@@ -158,12 +184,23 @@ pub(super) async fn observe(State(state): State<AppState>, request: Request, nex
         state: &state,
         method: &method,
         path,
-        id: &id_text,
+        route,
+        id: id_text,
         started,
         progress,
     };
-    let span = tracing::info_span!("request", request_id = %id_text);
-    let mut response = next.run(request).instrument(span).await;
+    // The API's own paths are clean; only other paths can need Go's
+    // redirect, and only they pay for the check. No span per request: the
+    // access line carries the request ID, and a span cost every request an
+    // allocation and its fields formatted twice.
+    let redirect = match route {
+        Some(_) => None,
+        None => super::clean_path::redirect_unclean(&request),
+    };
+    let mut response = match redirect {
+        Some(redirect) => redirect,
+        None => next.run(request).await,
+    };
     abandoned.armed = false;
     let phase = abandoned.progress.get();
     drop(abandoned);
@@ -171,7 +208,6 @@ pub(super) async fn observe(State(state): State<AppState>, request: Request, nex
     let status = response.status();
 
     let metrics = &state.metrics;
-    let labels = [status.as_str(), method_label(&method)];
     // A client that left while sending its body is answered (for the log)
     // rather than dropped; count it with the others that left.
     if status == super::error::CLIENT_CLOSED_REQUEST {
@@ -180,57 +216,38 @@ pub(super) async fn observe(State(state): State<AppState>, request: Request, nex
             .with_label_values(&[path, phase.label()])
             .inc();
     }
-    metrics
-        .http_requests
-        .with_label_values(&[path, labels[1], labels[0]])
-        .inc();
+    metrics.http_request(path, route, &method, status);
     // Go's series count what reaches its token handlers: only POSTs, since
     // its router answers other methods (405) and unclean paths (301, and
     // those never match a route here) before any handler.
     let reached_handler = method == Method::POST;
     match path {
-        "/v0/token/autojoin" if reached_handler => {
-            metrics.autojoin_requests.with_label_values(&labels).inc();
-            metrics
-                .autojoin_duration
-                .with_label_values(&labels)
-                .observe(elapsed.as_secs_f64());
-        }
-        "/v0/token/integration" if reached_handler => {
-            metrics.integration_requests.with_label_values(&labels).inc();
-            metrics
-                .integration_duration
-                .with_label_values(&labels)
-                .observe(elapsed.as_secs_f64());
-        }
+        "/v0/token/autojoin" if reached_handler => metrics.token_request(true, status, elapsed),
+        "/v0/token/integration" if reached_handler => metrics.token_request(false, status, elapsed),
         "/.well-known/jwks.json" => metrics.jwks_requests.inc(),
         _ => {}
     }
 
     let (mut int_id, mut key_id, mut org) = (None, None, None);
     if let Some(Issued(principal)) = response.extensions().get::<Issued>() {
-        let tier = match principal {
+        match principal {
             Principal::Integration {
                 int_id: i,
                 key_id: k,
                 tier,
             } => {
                 metrics.integration_tokens.with_label_values(&[i.as_str()]).inc();
-                int_id = Some(i.clone());
-                key_id = Some(k.clone());
-                tier.to_string()
+                metrics.token_issued(Some(*tier));
+                int_id = Some(i.as_str());
+                key_id = Some(k.as_str());
             }
             Principal::Autojoin { org: o } => {
-                org = Some(o.clone());
-                String::new()
+                metrics.token_issued(None);
+                org = Some(o.as_str());
             }
-        };
-        metrics
-            .tokens_issued
-            .with_label_values(&[principal.audience(), &tier])
-            .inc();
+        }
     }
-    let failure = response.extensions().get::<FailureDetail>().map(|f| f.0.clone());
+    let failure = response.extensions().get::<FailureDetail>().map(|f| f.0.as_str());
 
     macro_rules! access_line {
         ($level:expr) => {
@@ -297,8 +314,9 @@ mod tests {
 
     #[test]
     fn only_known_paths_are_logged() {
-        assert_eq!(loggable("/health"), "/health");
-        assert_eq!(loggable("/v0/token/mlabk.cii_a.ki_b.secret"), "other");
-        assert_eq!(loggable("/health/"), "other");
+        let logged = |path: &str| loggable(route_of(path));
+        assert_eq!(logged("/health"), "/health");
+        assert_eq!(logged("/v0/token/mlabk.cii_a.ki_b.secret"), "other");
+        assert_eq!(logged("/health/"), "other");
     }
 }
