@@ -448,6 +448,52 @@ mod tests {
     }
 
     #[test]
+    fn bound_children_count_the_same_series_as_lookups() {
+        let m = Metrics::new();
+        for _ in 0..2 {
+            m.http_request("/health", Some(3), &Method::GET, StatusCode::OK);
+            m.http_request("/health", Some(3), &Method::HEAD, StatusCode::OK);
+            m.http_request("/health", Some(3), &Method::GET, StatusCode::NOT_FOUND);
+            m.http_request("other", None, &Method::GET, StatusCode::OK);
+            m.token_request(false, StatusCode::OK, Duration::from_millis(1));
+            m.token_request(true, StatusCode::OK, Duration::from_millis(1));
+            m.token_request(false, StatusCode::UNAUTHORIZED, Duration::from_millis(1));
+            m.token_issued(None);
+            m.token_issued(Some(0));
+            m.token_issued(Some(7));
+            m.token_issued(Some(8));
+            m.token_issued(Some(-1));
+            m.signing(crate::signing::Algorithm::EdDsa, Duration::from_micros(10));
+            m.key_cache_outcome("hit");
+            m.key_cache_outcome("stale");
+        }
+        let http = |labels: [&str; 3]| m.http_requests.with_label_values(&labels).get();
+        assert_eq!(http(["/health", "get", "200"]), 2);
+        assert_eq!(http(["/health", "head", "200"]), 2);
+        assert_eq!(http(["/health", "get", "404"]), 2);
+        assert_eq!(http(["other", "get", "200"]), 2);
+        assert_eq!(m.integration_requests.with_label_values(&["200", "post"]).get(), 2);
+        assert_eq!(m.integration_requests.with_label_values(&["401", "post"]).get(), 2);
+        assert_eq!(m.autojoin_requests.with_label_values(&["200", "post"]).get(), 2);
+        assert_eq!(
+            m.integration_duration
+                .with_label_values(&["200", "post"])
+                .get_sample_count(),
+            2
+        );
+        let issued = |labels: [&str; 2]| m.tokens_issued.with_label_values(&labels).get();
+        for tier in ["0", "7", "8", "-1"] {
+            assert_eq!(issued(["integration", tier]), 2, "tier {tier}");
+        }
+        assert_eq!(issued(["autojoin", ""]), 2);
+        assert_eq!(m.signing_duration.with_label_values(&["EdDSA"]).get_sample_count(), 2);
+        assert_eq!(m.key_cache.with_label_values(&["hit"]).get(), 2);
+        assert_eq!(m.key_cache.with_label_values(&["stale"]).get(), 2);
+        // Nothing is bound before it is used: no series appears at start.
+        assert!(!Metrics::new().render().contains("tokenexchange_tokens_issued_total{"));
+    }
+
+    #[test]
     fn methods_are_lower_case_and_bounded() {
         assert_eq!(method_label(&axum::http::Method::POST), "post");
         let odd = axum::http::Method::from_bytes(b"BREW").unwrap();
