@@ -173,7 +173,7 @@ pub(super) async fn observe(State(state): State<Arc<AppState>>, request: Request
     let route = route_of(request.uri().path());
     let path = loggable(route);
     let id = request_id(request.headers());
-    // Unwrap: made or checked above to be visible ASCII.
+    // Made or checked above to be visible ASCII, so never the default.
     let id_text = id.to_str().unwrap_or_default();
 
     let progress = Progress::default();
