@@ -253,6 +253,27 @@ mod tests {
     }
 
     #[test]
+    fn log_output_writes_whole_lines_to_its_file_or_stderr() {
+        use std::io::{Read as _, Seek as _, Write as _};
+        let mut file = tempfile::tempfile().unwrap();
+        let output = LogOutput(Some(file.try_clone().unwrap()));
+        let mut writer = &output;
+        assert_eq!(writer.write(b"one\n").unwrap(), 4);
+        writer.write_all(b"two\n").unwrap();
+        writer.flush().unwrap();
+        let mut written = String::new();
+        file.rewind().unwrap();
+        file.read_to_string(&mut written).unwrap();
+        assert_eq!(written, "one\ntwo\n");
+        // Without a descriptor of its own it falls back to stderr.
+        let fallback = LogOutput(None);
+        let mut writer = &fallback;
+        assert_eq!(writer.write(b"").unwrap(), 0);
+        writer.write_all(b"").unwrap();
+        assert!(stderr_writer().0.is_some());
+    }
+
+    #[test]
     fn json_lines_have_the_stock_shape_and_escape_what_json_needs() {
         let awkward = "quote \" backslash \\ newline \n tab \t bell \u{7} é ✓";
         let lines = json_lines(|| {
