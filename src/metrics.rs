@@ -86,7 +86,7 @@ impl<T> Bound<T> {
 }
 
 /// Routes with children bound for their answers that succeed.
-pub const BOUND_ROUTES: usize = 8;
+const BOUND_ROUTES: usize = 8;
 /// Integration tiers with a bound `tokens_issued` child; higher tiers take
 /// the lookup.
 const BOUND_TIERS: usize = 8;
@@ -297,7 +297,7 @@ impl Metrics {
     }
 
     /// Counts a request in `http_requests`. `route` is the index of `path`
-    /// among the routes the caller serves (below [`BOUND_ROUTES`]), `None`
+    /// among the routes the caller serves (the first eight are bound), `None`
     /// for any other path.
     pub fn http_request(&self, path: &str, route: Option<usize>, method: &Method, status: StatusCode) {
         let slot = match *method {

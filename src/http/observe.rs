@@ -80,7 +80,6 @@ struct Abandoned<'a> {
     armed: bool,
     state: &'a AppState,
     method: &'a Method,
-    path: &'static str,
     route: Option<usize>,
     id: &'a str,
     started: Instant,
@@ -93,15 +92,16 @@ impl Drop for Abandoned<'_> {
             return;
         }
         let phase = self.progress.get().label();
+        let path = loggable(self.route);
         let metrics = &self.state.metrics;
-        metrics.http_request(self.path, self.route, self.method, super::error::CLIENT_CLOSED_REQUEST);
-        metrics.requests_cancelled.with_label_values(&[self.path, phase]).inc();
+        metrics.http_request(path, self.route, self.method, super::error::CLIENT_CLOSED_REQUEST);
+        metrics.requests_cancelled.with_label_values(&[path, phase]).inc();
         tracing::info!(
-            method = %self.method,
-            path = %self.path,
+            method = self.method.as_str(),
+            path,
             status = 499,
             latency_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            request_id = %self.id,
+            request_id = self.id,
             phase,
             "request abandoned by the client"
         );
@@ -183,7 +183,6 @@ pub(super) async fn observe(State(state): State<Arc<AppState>>, request: Request
         armed: true,
         state: &state,
         method: &method,
-        path,
         route,
         id: id_text,
         started,

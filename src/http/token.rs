@@ -1,9 +1,8 @@
 //! `POST /v0/token/autojoin` and `POST /v0/token/integration`.
 
-use std::sync::Arc;
-
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
