@@ -16,24 +16,52 @@ use crate::store::changes::{ChangeFeed, ChangeNotice, Invalidation};
 /// attempt a second, not a busy loop.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
+/// Longest a feed may take to answer: every feed answers within its poll
+/// interval (or heartbeat) plus a store call, so one that takes longer is
+/// stuck, and is reported and asked again.
+pub const STALL_BOUND: Duration = Duration::from_secs(30);
+
+/// How far ahead of this server's clock a change may be stamped before the
+/// stamp is called wrong (clocks a little apart are normal).
+const FUTURE_TOLERANCE: time::Duration = time::Duration::seconds(10);
+
 /// Runs until the process ends.
 pub async fn follow(mut feed: Box<dyn ChangeFeed>, cache: Arc<KeyCache>, metrics: Arc<Metrics>) {
     let mut failing_since: Option<Instant> = None;
     let mut recoveries = 0;
+    // A read that did not answer may have lost changes that no later read
+    // repeats: the next success then drops everything.
+    let mut stalled = false;
     loop {
-        match feed.next().await {
+        let result = match tokio::time::timeout(STALL_BOUND, feed.next()).await {
+            Ok(result) => result,
+            Err(_) => {
+                stalled = true;
+                Err(crate::store::StoreError::Unavailable(format!(
+                    "the change feed did not answer within {STALL_BOUND:?}"
+                )))
+            }
+        };
+        match result {
             Ok(notices) => {
                 if let Some(since) = failing_since.take() {
                     tracing::info!(after = ?since.elapsed(), "reading published changes again");
                 }
+                metrics.change_feed_up.set(1);
+                metrics.change_feed_last_read.set(OffsetDateTime::now_utc().unix_timestamp());
                 let now = feed.recoveries();
                 metrics.change_feed_recoveries.inc_by(now - recoveries);
                 recoveries = now;
+                if std::mem::take(&mut stalled) {
+                    metrics.change_feed_recoveries.inc();
+                    apply(&cache, &metrics, &ChangeNotice::everything());
+                }
                 for notice in &notices {
                     apply(&cache, &metrics, notice);
                 }
             }
             Err(e) => {
+                metrics.change_feed_up.set(0);
                 if failing_since.is_none() {
                     tracing::warn!(
                         error = %e,
@@ -56,8 +84,20 @@ fn apply(cache: &KeyCache, metrics: &Metrics, notice: &ChangeNotice) {
         metrics.key_cache_flushes.inc();
     }
     if let Some(at) = notice.at {
+        let now = OffsetDateTime::now_utc();
+        if at - now > FUTURE_TOLERANCE {
+            // Harmless to the feed (it follows sequence numbers, not
+            // stamps), but the lag figures and the audit log of that
+            // machine are off by as much.
+            metrics.change_feed_future_stamps.inc();
+            tracing::warn!(
+                ahead_seconds = (at - now).whole_seconds(),
+                what = ?notice.what,
+                "a published change is stamped in the future: the clock of the machine that made it is ahead"
+            );
+        }
         // A change stamped by a clock ahead of ours counts as no lag.
-        let lag = (OffsetDateTime::now_utc() - at).as_seconds_f64().max(0.0);
+        let lag = (now - at).as_seconds_f64().max(0.0);
         metrics.invalidation_lag.observe(lag);
     }
     tracing::debug!(what = ?notice.what, dropped, "applied a published change");

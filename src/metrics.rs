@@ -54,6 +54,13 @@ pub struct Metrics {
     pub invalidation_lag: Histogram,
     /// Times the change feed reconnected or recovered from a failure.
     pub change_feed_recoveries: IntCounter,
+    /// 1 while the change feed reads; 0 once a read failed or stalled.
+    pub change_feed_up: IntGauge,
+    /// Unix time of the change feed's last successful read.
+    pub change_feed_last_read: IntGauge,
+    /// Changes stamped ahead of this server's clock by more than the
+    /// tolerance: the clock of the machine that made them is off.
+    pub change_feed_future_stamps: IntCounter,
     /// Times the whole cache was dropped (after a recovery, or a gap).
     pub key_cache_flushes: IntCounter,
     /// Exchanges refused by a rate limit, by the key's tier (`autojoin` for
@@ -284,6 +291,21 @@ impl Metrics {
                 &registry,
                 "tokenexchange_change_feed_recoveries_total",
                 "Times the change feed reconnected (PostgreSQL listener) or recovered from a failed poll.",
+            ),
+            change_feed_up: int_gauge(
+                &registry,
+                "tokenexchange_change_feed_up",
+                "1 while the change feed reads; 0 once a read failed or did not answer in time.",
+            ),
+            change_feed_last_read: int_gauge(
+                &registry,
+                "tokenexchange_change_feed_last_read_timestamp_seconds",
+                "Unix time of the change feed's last successful read (a poll, or a heartbeat of the PostgreSQL listener).",
+            ),
+            change_feed_future_stamps: int_counter(
+                &registry,
+                "tokenexchange_change_feed_future_stamps_total",
+                "Changes received stamped more than 10 s ahead of this server's clock (the admin machine's clock is off).",
             ),
             key_cache_flushes: int_counter(
                 &registry,

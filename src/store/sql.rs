@@ -105,27 +105,7 @@ impl SqlStore {
     /// held by another process and the wait for a pooled connection: past
     /// it, a request gets a 503 rather than hanging.
     pub async fn open_sqlite(path: &Path, timeout: Duration) -> Result<Self, StoreError> {
-        // Created here, private, before SQLite would create it world-readable:
-        // it holds key hashes and e-mail addresses. (An empty file is an
-        // empty database to SQLite; its journal takes the file's mode.)
-        {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-            {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "cannot create {}: {e}",
-                        path.display()
-                    )));
-                }
-            }
-        }
+        prepare_sqlite_file(path)?;
         let options = SqliteConnectOptions::from_str("sqlite:")
             .map_err(backend)?
             .filename(path)
@@ -192,6 +172,55 @@ impl SqlStore {
     }
 }
 
+/// Creates the SQLite file, private, before SQLite would create it with the
+/// default mode (world-readable under the usual umask): it holds key hashes
+/// and e-mail addresses. `O_CREAT` without `O_EXCL` follows a symbolic link,
+/// so a link to a file that does not exist yet also gets a private file (an
+/// exclusive create would fail on the link and leave the creation to
+/// SQLite). The journal takes the file's mode. Only a regular file is
+/// accepted: a FIFO or a device at the path would block or misbehave. A
+/// file others can read is used, with a warning.
+fn prepare_sqlite_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let unusable = |e: std::io::Error| StoreError::Unavailable(format!("cannot create {}: {e}", path.display()));
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Non-blocking, so that whatever appears here meanwhile (a FIFO)
+            // cannot stall the open; an empty file is an empty database.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .mode(0o600)
+                .custom_flags(NONBLOCK)
+                .open(path)
+                .map_err(unusable)?
+                .metadata()
+                .map_err(unusable)?
+        }
+        Err(e) => return Err(unusable(e)),
+    };
+    if !metadata.is_file() {
+        return Err(StoreError::Unavailable(format!(
+            "cannot use {}: not a regular file",
+            path.display()
+        )));
+    }
+    let mode = metadata.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "the SQLite store can be read by other users of this machine (it holds key hashes and e-mail \
+             addresses); make it private: chmod 600"
+        );
+    }
+    Ok(())
+}
+
+/// `O_NONBLOCK` on Linux (the standard library has no name for it).
+const NONBLOCK: i32 = 0o4000;
+
 /// Error texts must not carry the database password.
 fn redact(text: &str, url: &str) -> String {
     match url::Url::parse(url).ok().and_then(|u| u.password().map(str::to_owned)) {
@@ -203,6 +232,46 @@ fn redact(text: &str, url: &str) -> String {
 fn timestamp(t: OffsetDateTime) -> String {
     // Unwrap: RFC 3339 formatting fails only for years outside 0..=9999.
     t.format(&Rfc3339).expect("timestamp within RFC 3339 range")
+}
+
+/// How a write transaction starts, per database.
+///
+/// Every admin write reads what it replaces (for the audit record and to
+/// decide what to write), so the read must not go stale before the write:
+/// otherwise a `key revoke` racing a `key set-tier` can write back the old
+/// status and un-revoke the key. SQLite: `BEGIN IMMEDIATE` takes the one
+/// write lock before the read, so writers run one after another, and a
+/// writer that finds the lock taken waits out the busy timeout (a deferred
+/// transaction that holds a read lock and then asks for the write lock is
+/// refused at once instead, to avoid a deadlock). PostgreSQL: the read takes
+/// row locks (`FOR UPDATE`), and a concurrent writer of the same rows waits
+/// for the commit and then reads what it left.
+trait WritePool {
+    type Db: sqlx::Database;
+    /// Appended to the reads a write depends on.
+    const LOCK_ROWS: &'static str;
+    fn begin_write(&self) -> impl Future<Output = Result<sqlx::Transaction<'static, Self::Db>, StoreError>> + Send;
+}
+
+impl WritePool for SqlitePool {
+    type Db = sqlx::Sqlite;
+    const LOCK_ROWS: &'static str = "";
+    fn begin_write(&self) -> impl Future<Output = Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError>> + Send {
+        async move { self.begin_with("BEGIN IMMEDIATE").await.map_err(classify) }
+    }
+}
+
+impl WritePool for PgPool {
+    type Db = sqlx::Postgres;
+    const LOCK_ROWS: &'static str = " FOR UPDATE";
+    fn begin_write(&self) -> impl Future<Output = Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError>> + Send {
+        async move { self.begin().await.map_err(classify) }
+    }
+}
+
+/// `select` with the row locks of `P` (see [`WritePool`]).
+fn locking<P: WritePool>(_pool: &P, select: &'static str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(format!("{select}{}", P::LOCK_ROWS))
 }
 
 /// Errors that retrying may cure are `Unavailable`; the rest are `Backend`.
@@ -263,6 +332,12 @@ impl IntegrationKeys for SqlStore {
         integration_id: &str,
         key_id: &str,
     ) -> Result<Option<IntegrationKeyRecord>, StoreError> {
+        // No stored name holds a NUL (the CLI allows none, and PostgreSQL
+        // text cannot): such a made-up key is unknown, not a store error,
+        // which would be a 503 that pages operators and is never cached.
+        if integration_id.contains('\0') || key_id.contains('\0') {
+            return Ok(None);
+        }
         on_pool!(self, pool => {
             let row = sqlx::query(
                 "SELECT key_hash, status, tier, expires_at FROM integration_keys
@@ -339,22 +414,28 @@ impl Admin for SqlStore {
             SqlPool::Sqlite(pool) => Box::new(SqliteFeed {
                 pool: pool.clone(),
                 interval,
-                last_seq: None,
+                last: None,
                 recovery: Recovery::default(),
             }),
             SqlPool::Postgres(pool) => {
                 // A connection of its own, outside the pool that lookups
                 // share (a listener holds its connection for good), named
-                // so that operators can tell it apart.
+                // so that operators can tell it apart. The server probes it
+                // with TCP keepalives, so a peer gone without a FIN frees
+                // its server slot; our side is probed by the heartbeat.
                 let options = (*pool.connect_options())
                     .clone()
-                    .application_name("token-exchange-changes");
-                let own = PgPoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(pool.options().get_acquire_timeout())
-                    .connect_lazy_with(options);
+                    .application_name("token-exchange-changes")
+                    .options([
+                        ("tcp_keepalives_idle", "30"),
+                        ("tcp_keepalives_interval", "10"),
+                        ("tcp_keepalives_count", "3"),
+                    ]);
+                let timeout = pool.options().get_acquire_timeout();
                 Box::new(PgFeed {
-                    pool: own,
+                    options,
+                    timeout,
+                    heartbeat: interval,
                     listener: None,
                     recovery: Recovery::default(),
                 })
@@ -366,7 +447,7 @@ impl Admin for SqlStore {
         let created_at = timestamp(key.created_at);
         let expires_at = key.expires_at.map(seconds);
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await.map_err(classify)?;
+            let mut tx = pool.begin_write().await?;
             let created = sqlx::query(
                 "INSERT INTO integrations (integration_id, description, created_at) VALUES ($1, $2, $3)
                  ON CONFLICT (integration_id) DO NOTHING",
@@ -423,7 +504,7 @@ impl Admin for SqlStore {
     async fn create_org(&self, name: &str, email: &str, now: OffsetDateTime) -> Result<(), StoreError> {
         let created_at = timestamp(now);
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await.map_err(classify)?;
+            let mut tx = pool.begin_write().await?;
             sqlx::query(
                 "INSERT INTO organizations (name, email, created_at, probability_multiplier)
                  VALUES ($1, $2, $3, $4)",
@@ -459,7 +540,7 @@ impl Admin for SqlStore {
         let (hash, created_at) = (key.secret().sha256_hex(), timestamp(now));
         let expires_at = expires_at.map(seconds);
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await.map_err(classify)?;
+            let mut tx = pool.begin_write().await?;
             // INSERT ... SELECT inserts nothing when the organization is
             // missing, which tells "no such organization" apart in one statement.
             let inserted = sqlx::query(
@@ -579,10 +660,11 @@ impl Admin for SqlStore {
             KeyChange::Expiry(_) => "key set-expiry",
         };
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await.map_err(classify)?;
-            let row = sqlx::query(
+            let mut tx = pool.begin_write().await?;
+            let row = sqlx::query(locking(
+                pool,
                 "SELECT status, tier, expires_at FROM integration_keys WHERE integration_id = $1 AND key_id = $2",
-            )
+            ))
             .bind(integration_id)
             .bind(key_id)
             .fetch_optional(&mut *tx)
@@ -625,7 +707,7 @@ impl Admin for SqlStore {
             key_id: key_id.to_owned(),
         };
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await.map_err(classify)?;
+            let mut tx = pool.begin_write().await?;
             let row = sqlx::query(
                 "DELETE FROM integration_keys WHERE integration_id = $1 AND key_id = $2
                  RETURNING status, tier, expires_at",
@@ -714,7 +796,7 @@ impl Admin for SqlStore {
 
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await.map_err(classify)?;
+            let mut tx = pool.begin_write().await?;
             for u in usage {
                 let used = seconds(u.last_used_at);
                 let tokens = i64::try_from(u.tokens).unwrap_or(i64::MAX);
@@ -803,7 +885,7 @@ impl SqlStore {
         record: AuditRecord,
     ) -> Result<Option<usize>, StoreError> {
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await.map_err(classify)?;
+            let mut tx = pool.begin_write().await?;
             let removed = sqlx::query(children).bind(id).execute(&mut *tx).await.map_err(classify)?.rows_affected();
             let deleted = sqlx::query(parent).bind(id).execute(&mut *tx).await.map_err(classify)?.rows_affected();
             if deleted == 0 {
@@ -830,8 +912,11 @@ impl SqlStore {
         // The fingerprint is checked to be hex, so it holds no LIKE wildcard.
         let prefix = format!("{fingerprint}%");
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await.map_err(classify)?;
-            let rows = sqlx::query("SELECT key_hash, expires_at FROM autojoin_keys WHERE org = $1 AND key_hash LIKE $2")
+            let mut tx = pool.begin_write().await?;
+            let rows = sqlx::query(locking(
+                pool,
+                "SELECT key_hash, expires_at FROM autojoin_keys WHERE org = $1 AND key_hash LIKE $2",
+            ))
                 .bind(org)
                 .bind(&prefix)
                 .fetch_all(&mut *tx)
@@ -999,38 +1084,81 @@ fn parse_at(at: &str) -> Option<OffsetDateTime> {
 struct SqliteFeed {
     pool: SqlitePool,
     interval: Duration,
-    /// The last `seq` seen; `None` until the first read.
-    last_seq: Option<i64>,
+    /// The last change seen, `None` until the first read.
+    last: Option<Seen>,
     recovery: Recovery,
+}
+
+/// A change a feed has read: its `seq` and its `at`, which tells it apart
+/// from a change with the same `seq` in another copy of the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    seq: i64,
+    at: String,
 }
 
 /// Changes read in one poll at most; the rest come with the next.
 const CHANGES_PER_POLL: i64 = 1_000;
 
 impl SqliteFeed {
+    /// The newest change, or seq 0 for none.
+    async fn newest(&self) -> Result<Seen, StoreError> {
+        let row = sqlx::query("SELECT seq, at FROM changes ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        match row {
+            Some(r) => Ok(Seen {
+                seq: r.try_get("seq").map_err(backend)?,
+                at: r.try_get("at").map_err(backend)?,
+            }),
+            None => Ok(Seen { seq: 0, at: String::new() }),
+        }
+    }
+
     async fn poll(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
-        let Some(last) = self.last_seq else {
+        let Some(last) = self.last.clone() else {
             // Start at the newest change: the cache is empty, nothing older matters.
-            let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM changes")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(classify)?;
-            self.last_seq = Some(newest.unwrap_or(0));
+            self.last = Some(self.newest().await?);
             return Ok(Vec::new());
         };
+        // From the last change seen, which must still be there as it was:
+        // if it is not, the file was restored from an older copy or replaced
+        // (or pruned past us), and what changed is not known.
         let rows =
-            sqlx::query("SELECT seq, kind, subject, key_id, at FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2")
-                .bind(last)
-                .bind(CHANGES_PER_POLL)
+            sqlx::query("SELECT seq, kind, subject, key_id, at FROM changes WHERE seq >= $1 ORDER BY seq LIMIT $2")
+                .bind(last.seq)
+                .bind(CHANGES_PER_POLL + 1)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(classify)?;
-        let mut notices = Vec::with_capacity(rows.len());
-        let mut expected = last + 1;
-        for row in &rows {
+        let mut rows = rows.iter().peekable();
+        if last.seq > 0 {
+            let still_there = match rows.peek() {
+                Some(row) => {
+                    let seq: i64 = row.try_get("seq").map_err(backend)?;
+                    let at: String = row.try_get("at").map_err(backend)?;
+                    seq == last.seq && at == last.at
+                }
+                None => false,
+            };
+            if !still_there {
+                tracing::warn!(
+                    last_seq = last.seq,
+                    "the change last read is gone from the SQLite store (restored from an older copy, replaced, \
+                     or pruned past this server): dropping the whole cache"
+                );
+                self.last = Some(self.newest().await?);
+                return Ok(vec![ChangeNotice::everything()]);
+            }
+            rows.next();
+        }
+        let mut notices = Vec::new();
+        let mut expected = last.seq + 1;
+        for row in rows {
             let seq: i64 = row.try_get("seq").map_err(backend)?;
             if seq != expected {
-                // Pruned past us, or the file was replaced: changes were missed.
+                // Rows missing in between: changes were missed.
                 notices.push(ChangeNotice::everything());
             }
             expected = seq + 1;
@@ -1044,7 +1172,7 @@ impl SqliteFeed {
                 what: Invalidation::from_parts(&kind, &subject, &key_id),
                 at: parse_at(&at),
             });
-            self.last_seq = Some(seq);
+            self.last = Some(Seen { seq, at });
         }
         Ok(notices)
     }
@@ -1053,7 +1181,7 @@ impl SqliteFeed {
 #[async_trait]
 impl ChangeFeed for SqliteFeed {
     async fn next(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
-        if self.last_seq.is_some() {
+        if self.last.is_some() {
             tokio::time::sleep(self.interval).await;
         }
         let result = self.poll().await;
@@ -1066,35 +1194,81 @@ impl ChangeFeed for SqliteFeed {
 }
 
 /// Listens for PostgreSQL notifications on its own connection.
+///
+/// A connection that a middlebox dropped without a FIN or RST looks idle
+/// for ever: nothing arrives, and nothing says it never will. So when no
+/// notification came for `heartbeat`, the listener runs a query on its
+/// connection; no answer within `timeout` means the connection is dead:
+/// it is dropped, a new one is made, and (since notifications sent
+/// meanwhile are lost) the feed reports `Everything`.
 struct PgFeed {
-    pool: PgPool,
-    listener: Option<sqlx::postgres::PgListener>,
+    options: PgConnectOptions,
+    /// Bounds connecting and the heartbeat's answer (`--store-timeout`).
+    timeout: Duration,
+    /// Quiet time after which the connection is checked.
+    heartbeat: Duration,
+    /// The listener, and the one-connection pool it owns.
+    listener: Option<(sqlx::postgres::PgListener, PgPool)>,
     recovery: Recovery,
 }
 
 impl PgFeed {
-    async fn receive(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
-        let Some(listener) = self.listener.as_mut() else {
-            let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
+    async fn connect(&self) -> Result<(sqlx::postgres::PgListener, PgPool), StoreError> {
+        // A pool per connection: a listener dropped on a dead connection
+        // hands it back to its pool from a task that may wait on it until
+        // the kernel gives up, and that must not hold up the next one.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.timeout)
+            .connect_lazy_with(self.options.clone());
+        let connect = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
                 .await
                 .map_err(classify)?;
             listener.listen(PG_CHANNEL).await.map_err(classify)?;
-            self.listener = Some(listener);
+            Ok::<_, StoreError>(listener)
+        };
+        let listener = tokio::time::timeout(self.timeout, connect)
+            .await
+            .map_err(|_| StoreError::Unavailable("connecting the change listener timed out".into()))??;
+        Ok((listener, pool))
+    }
+
+    async fn receive(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
+        let Some((listener, _)) = self.listener.as_mut() else {
+            self.listener = Some(self.connect().await?);
             // Return at once, so that a feed back from a failure reports it
             // now rather than with the next notification.
             return Ok(Vec::new());
         };
-        match listener.try_recv().await {
-            Ok(Some(notification)) => Ok(vec![notice_from_payload(notification.payload())]),
+        match tokio::time::timeout(self.heartbeat, listener.try_recv()).await {
+            Ok(Ok(Some(notification))) => Ok(vec![notice_from_payload(notification.payload())]),
             // The connection dropped; the listener reconnects, and whatever
             // was sent meanwhile is lost.
-            Ok(None) => {
+            Ok(Ok(None)) => {
                 self.recovery.lost_track();
                 Ok(Vec::new())
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 self.listener = None;
                 Err(classify(e))
+            }
+            Err(_quiet) => {
+                let answered = tokio::time::timeout(self.timeout, sqlx::query("SELECT 1").execute(&mut *listener)).await;
+                match answered {
+                    Ok(Ok(_)) => Ok(Vec::new()),
+                    Ok(Err(e)) => {
+                        self.listener = None;
+                        Err(classify(e))
+                    }
+                    Err(_) => {
+                        self.listener = None;
+                        Err(StoreError::Unavailable(format!(
+                            "the change listener's connection did not answer a heartbeat within {:?}",
+                            self.timeout
+                        )))
+                    }
+                }
             }
         }
     }

@@ -8,7 +8,6 @@
 mod client;
 pub mod wire;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,29 +134,42 @@ impl DatastoreStore {
         }
     }
 
-    /// The mutation that publishes `what`, committed with the change itself.
-    /// Its key name starts with the time, so names sort like changes; the
-    /// random rest keeps two changes in one nanosecond apart.
-    fn publish(&self, what: &Invalidation) -> Value {
-        let now = OffsetDateTime::now_utc();
-        let mut random = [0u8; 8];
-        crate::api_key::fill_random(&mut random);
-        let name = format!(
-            "{:020}-{}",
-            now.unix_timestamp_nanos(),
-            crate::api_key::hex_lower(&random)
-        );
+    /// The mutations that publish `what`, committed with the change itself:
+    /// the feed's head takes the next sequence number, and the change is
+    /// stored under it. Reading the head in the transaction makes concurrent
+    /// publishers conflict (one is run again), so sequence numbers are
+    /// dense, unique and in commit order, whatever the admin machines'
+    /// clocks say. `at` (the admin's clock) is kept for the lag histogram
+    /// and for servers of earlier versions, which poll by it.
+    async fn publish(&self, tx: &str, what: &Invalidation) -> Result<Vec<Value>, TxError> {
+        let head_key = feed_head_key(&self.own);
+        let found = self.client.lookup(std::slice::from_ref(&head_key), Some(tx)).await?;
+        let head = FeedHead::from_entity(found_entity(&found.found, &head_key));
+        let next = FeedHead {
+            seq: head.seq + 1,
+            token: random_token(),
+        };
         let (kind, subject, key_id) = what.to_parts();
         let unindexed = |text: &str| json!({ "stringValue": text, "excludeFromIndexes": true });
-        insert(
-            Self::key(&self.own, &[(CHANGE_KIND, &name)]),
+        let change = insert(
+            Self::key(&self.own, &[(CHANGE_KIND, &change_name(next.seq))]),
             properties([
-                ("at", wire::timestamp(now)),
+                ("seq", wire::integer(next.seq)),
+                ("token", unindexed(&next.token)),
+                ("at", wire::timestamp(OffsetDateTime::now_utc())),
                 ("kind", unindexed(kind)),
                 ("subject", unindexed(subject)),
                 ("key_id", unindexed(key_id)),
             ]),
-        )
+        );
+        let head = json!({ "upsert": Entity {
+            key: head_key,
+            properties: properties([
+                ("seq", json!({ "integerValue": next.seq.to_string(), "excludeFromIndexes": true })),
+                ("token", unindexed(&next.token)),
+            ]),
+        } });
+        Ok(vec![head, change])
     }
 
     fn integration_state_key(&self, integration_id: &str, key_id: &str) -> Key {
@@ -481,8 +493,7 @@ impl Admin for DatastoreStore {
             client: self.client.clone(),
             partition: self.own.clone(),
             interval,
-            since: None,
-            seen: HashMap::new(),
+            last: None,
             recovery: Recovery::default(),
         })
     }
@@ -707,9 +718,15 @@ impl Admin for DatastoreStore {
                     .map(|e| json!({ "delete": e.key }))
                     .collect();
                 mutations.push(json!({ "delete": meta }));
-                mutations.push(self.publish(&Invalidation::Integration {
-                    integration_id: integration_id.to_owned(),
-                }));
+                mutations.extend(
+                    self.publish(
+                        &tx,
+                        &Invalidation::Integration {
+                            integration_id: integration_id.to_owned(),
+                        },
+                    )
+                    .await?,
+                );
                 let record = AuditRecord::new(&self.operator, "integration delete")
                     .integration(integration_id)
                     .change(Some(json!({ "keys": count })), None);
@@ -771,10 +788,16 @@ impl Admin for DatastoreStore {
                     .change(Some(before), Some(audited(&entity, &state)));
                 mutations.push(json!({ "update": entity }));
                 mutations.push(self.audit(&record));
-                mutations.push(self.publish(&Invalidation::IntegrationKey {
-                    integration_id: integration_id.to_owned(),
-                    key_id: key_id.to_owned(),
-                }));
+                mutations.extend(
+                    self.publish(
+                        &tx,
+                        &Invalidation::IntegrationKey {
+                            integration_id: integration_id.to_owned(),
+                            key_id: key_id.to_owned(),
+                        },
+                    )
+                    .await?,
+                );
                 Ok(((), mutations))
             }
         })
@@ -800,19 +823,22 @@ impl Admin for DatastoreStore {
                 let record = AuditRecord::new(&self.operator, "key delete")
                     .key(integration_id, key_id)
                     .change(Some(before), None);
-                let published = self.publish(&Invalidation::IntegrationKey {
-                    integration_id: integration_id.to_owned(),
-                    key_id: key_id.to_owned(),
-                });
-                Ok((
-                    (),
-                    vec![
-                        json!({ "delete": key }),
-                        json!({ "delete": state_key }),
-                        self.audit(&record),
-                        published,
-                    ],
-                ))
+                let published = self
+                    .publish(
+                        &tx,
+                        &Invalidation::IntegrationKey {
+                            integration_id: integration_id.to_owned(),
+                            key_id: key_id.to_owned(),
+                        },
+                    )
+                    .await?;
+                let mut mutations = vec![
+                    json!({ "delete": key }),
+                    json!({ "delete": state_key }),
+                    self.audit(&record),
+                ];
+                mutations.extend(published);
+                Ok(((), mutations))
             }
         })
         .await
@@ -888,7 +914,10 @@ impl Admin for DatastoreStore {
                 let mut mutations: Vec<Value> = keys.into_iter().map(|e| json!({ "delete": e.key })).collect();
                 mutations.extend(states);
                 mutations.push(json!({ "delete": org_key }));
-                mutations.push(self.publish(&Invalidation::Organization { org: org.to_owned() }));
+                mutations.extend(
+                    self.publish(&tx, &Invalidation::Organization { org: org.to_owned() })
+                        .await?,
+                );
                 let record = AuditRecord::new(&self.operator, "autojoin delete-org")
                     .org(org)
                     .change(Some(json!({ "keys": count })), None);
@@ -1032,89 +1061,161 @@ impl DatastoreStore {
             };
             let record = record.org(org).fingerprint(&crate::api_key::fingerprint_of_hash(&hash));
             mutations.push(self.audit(&record));
-            mutations.push(self.publish(&Invalidation::Organization { org: org.to_owned() }));
+            mutations.extend(
+                self.publish(&tx, &Invalidation::Organization { org: org.to_owned() })
+                    .await?,
+            );
             Ok(((), mutations))
         })
         .await
     }
 }
 
-/// How far apart the clocks of admin machines may be: each poll reads back
-/// this far before the newest change seen, so a change stamped a little
-/// earlier by a slower clock is not skipped (repeats are recognised by name).
-const CLOCK_OVERLAP: Duration = Duration::from_secs(10);
-/// Changes read in one poll at most; the rest come with the next.
-const CHANGES_PER_POLL: i64 = 500;
+/// The kind of the change feed's head: one entity holding the sequence
+/// number and token of the newest change.
+pub const FEED_HEAD_KIND: &str = "TokenExchangeChangeHead";
 
-/// Polls the change kind by its `at` timestamp.
+fn feed_head_key(own: &PartitionId) -> Key {
+    DatastoreStore::key(own, &[(FEED_HEAD_KIND, "head")])
+}
+
+/// Change names sort like their sequence numbers; the prefix keeps them
+/// apart from the time-named changes of earlier versions.
+fn change_name(seq: i64) -> String {
+    format!("seq-{seq:020}")
+}
+
+fn random_token() -> String {
+    let mut random = [0u8; 8];
+    crate::api_key::fill_random(&mut random);
+    crate::api_key::hex_lower(&random)
+}
+
+/// Where the feed stands: the sequence number of a change and its random
+/// token, which tells it apart from a change with the same number in
+/// another copy of the database (one restored from a backup).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct FeedHead {
+    seq: i64,
+    token: String,
+}
+
+impl FeedHead {
+    /// `None`: no change was ever published (seq 0).
+    fn from_entity(e: Option<&Entity>) -> Self {
+        e.map(|e| Self {
+            seq: e.integer("seq").unwrap_or(0),
+            token: e.string("token").unwrap_or_default().to_owned(),
+        })
+        .unwrap_or_default()
+    }
+}
+
+/// Changes asked for per query page.
+const CHANGES_PER_PAGE: i64 = 500;
+/// Pages read in one poll at most; a feed further behind goes on from
+/// there with the next poll.
+const PAGES_PER_POLL: usize = 20;
+
+/// Polls the head of the change feed, then reads the changes past the
+/// last one seen by their sequence number. Nothing depends on the clocks
+/// of the machines that wrote them.
 struct DatastoreFeed {
     client: Arc<Client>,
     partition: PartitionId,
     interval: Duration,
-    /// The newest change seen; `None` until the first read.
-    since: Option<OffsetDateTime>,
-    /// Changes seen within the overlap, by key name.
-    seen: HashMap<String, OffsetDateTime>,
+    /// The last change seen; `None` until the first read.
+    last: Option<FeedHead>,
     recovery: Recovery,
 }
 
 impl DatastoreFeed {
-    fn query(&self, filter: Option<OffsetDateTime>, direction: &str, limit: i64) -> Value {
-        let mut query = json!({
-            "kind": [{ "name": CHANGE_KIND }],
-            "order": [{ "property": { "name": "at" }, "direction": direction }],
-            "limit": limit,
-        });
-        if let Some(from) = filter {
-            query["filter"] = json!({ "propertyFilter": {
-                "property": { "name": "at" },
-                "op": "GREATER_THAN_OR_EQUAL",
-                "value": wire::timestamp(from),
-            } });
-        }
-        query
+    async fn head(&self) -> Result<FeedHead, StoreError> {
+        let key = feed_head_key(&self.partition);
+        let found = self.client.lookup(std::slice::from_ref(&key), None).await?;
+        Ok(FeedHead::from_entity(found_entity(&found.found, &key)))
+    }
+
+    /// Gives up the position: the changes between it and `head` cannot be
+    /// known, so the whole cache goes.
+    fn lost_track(&mut self, head: FeedHead, why: &str) -> Vec<ChangeNotice> {
+        tracing::warn!(
+            last_seq = self.last.as_ref().map_or(0, |l| l.seq),
+            head_seq = head.seq,
+            "{why}: dropping the whole cache"
+        );
+        self.last = Some(head);
+        vec![ChangeNotice::everything()]
     }
 
     async fn poll(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
-        let at =
-            |e: &Entity| OffsetDateTime::parse(&e.timestamp("at"), &time::format_description::well_known::Rfc3339).ok();
-        let Some(since) = self.since else {
+        let head = self.head().await?;
+        let Some(last) = self.last.clone() else {
             // Start at the newest change: the cache is empty, nothing older matters.
-            let newest = self
-                .client
-                .run_query(&self.partition, self.query(None, "DESCENDING", 1))
-                .await?;
-            let newest = newest.batch.entity_results.first().and_then(|r| at(&r.entity));
-            self.since = Some(newest.unwrap_or(OffsetDateTime::UNIX_EPOCH));
+            self.last = Some(head);
             return Ok(Vec::new());
         };
-        let from = since - CLOCK_OVERLAP;
-        let page = self
-            .client
-            .run_query(&self.partition, self.query(Some(from), "ASCENDING", CHANGES_PER_POLL))
-            .await?;
-        let mut notices = Vec::new();
-        let mut newest = since;
-        for result in page.batch.entity_results {
-            let entity = result.entity;
-            let Some(name) = entity.key.name().map(str::to_owned) else {
-                continue;
-            };
-            if self.seen.contains_key(&name) {
-                continue;
-            }
-            let changed_at = at(&entity);
-            let text = |field: &str| entity.string(field).unwrap_or_default().to_owned();
-            notices.push(ChangeNotice {
-                what: Invalidation::from_parts(&text("kind"), &text("subject"), &text("key_id")),
-                at: changed_at,
-            });
-            let changed_at = changed_at.unwrap_or(newest);
-            newest = newest.max(changed_at);
-            self.seen.insert(name, changed_at);
+        if head == last {
+            return Ok(Vec::new());
         }
-        self.since = Some(newest);
-        self.seen.retain(|_, at| *at >= newest - CLOCK_OVERLAP);
+        if head.seq <= last.seq {
+            return Ok(self.lost_track(
+                head,
+                "the change feed's head went back (the database was restored from a backup or emptied)",
+            ));
+        }
+        // From the last change seen, which must still be there as it was.
+        let mut query = json!({
+            "kind": [{ "name": CHANGE_KIND }],
+            "filter": { "propertyFilter": {
+                "property": { "name": "seq" },
+                "op": "GREATER_THAN_OR_EQUAL",
+                "value": wire::integer(last.seq),
+            } },
+            "order": [{ "property": { "name": "seq" }, "direction": "ASCENDING" }],
+            "limit": CHANGES_PER_PAGE,
+        });
+        let mut notices = Vec::new();
+        let mut position = last.clone();
+        let mut pages = 0;
+        while position.seq < head.seq && pages < PAGES_PER_POLL {
+            pages += 1;
+            let batch = self.client.run_query(&self.partition, query.clone()).await?.batch;
+            let full = batch.entity_results.len() as i64 >= CHANGES_PER_PAGE;
+            for result in &batch.entity_results {
+                let entity = &result.entity;
+                let seen = FeedHead::from_entity(Some(entity));
+                if seen.seq == last.seq && last.seq > 0 {
+                    if seen != last {
+                        return Ok(self.lost_track(head, "the change last read was replaced (a restored database)"));
+                    }
+                    continue;
+                }
+                if seen.seq != position.seq + 1 {
+                    // Only reachable if changes were deleted or the
+                    // database replaced: say so rather than skip.
+                    notices.push(ChangeNotice::everything());
+                }
+                let text = |field: &str| entity.string(field).unwrap_or_default().to_owned();
+                notices.push(ChangeNotice {
+                    what: Invalidation::from_parts(&text("kind"), &text("subject"), &text("key_id")),
+                    at: OffsetDateTime::parse(&entity.timestamp("at"), &time::format_description::well_known::Rfc3339)
+                        .ok(),
+                });
+                position = seen;
+            }
+            match batch.end_cursor {
+                Some(cursor) if full => query["startCursor"] = Value::String(cursor),
+                _ => break,
+            }
+        }
+        if position.seq < head.seq && pages < PAGES_PER_POLL {
+            // The head announces changes the query did not return: rather
+            // than stand still (and ask again forever), give them up.
+            notices.extend(self.lost_track(head, "changes the feed's head announces cannot be read"));
+            return Ok(notices);
+        }
+        self.last = Some(position);
         Ok(notices)
     }
 }
@@ -1122,7 +1223,7 @@ impl DatastoreFeed {
 #[async_trait]
 impl ChangeFeed for DatastoreFeed {
     async fn next(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
-        if self.since.is_some() {
+        if self.last.is_some() {
             tokio::time::sleep(self.interval).await;
         }
         let result = self.poll().await;
