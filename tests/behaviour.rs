@@ -57,6 +57,10 @@ for_each_backend!(
     keys_expire_and_tokens_never_outlive_them,
     usage_is_written_off_the_request_path_and_finds_unused_keys,
     the_audit_log_records_each_change_and_no_secret,
+    concurrent_admin_writes_on_one_key_lose_nothing,
+    a_burst_of_changes_is_followed_to_its_end,
+    changes_from_admin_clocks_far_off_are_followed,
+    a_store_restored_from_an_older_copy_flushes_the_cache,
 );
 
 fn verify(token: &str, jwks: &jsonwebtoken::jwk::JwkSet, alg: Algorithm, audience: &str) -> Value {
@@ -1650,4 +1654,295 @@ async fn the_audit_log_records_each_change_and_no_secret(backend: Backend) {
     let (later, _) = rfc3339_in(60);
     let none = ws.admin_json(&["audit", "list", "--since", &later]);
     assert_eq!(none["records"].as_array().unwrap().len(), 0);
+}
+
+/// Holds a write lock on `key_id`'s row in a transaction of its own (as the
+/// usage writer does) until `hold` has passed. Datastore has no row locks
+/// to hold from outside; there the writers only race each other.
+async fn hold_the_row(ws: &Workspace, key_id: &str, hold: Duration) {
+    use sqlx::Connection as _;
+    let touch = "UPDATE integration_keys SET tokens_issued = tokens_issued WHERE key_id = $1";
+    match ws.backend {
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(ws.store_url()).await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await.unwrap();
+            sqlx::query(touch).bind(key_id).execute(&mut conn).await.unwrap();
+            tokio::time::sleep(hold).await;
+            sqlx::query("COMMIT").execute(&mut conn).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(ws.store_url()).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+            sqlx::query(touch).bind(key_id).execute(&mut conn).await.unwrap();
+            tokio::time::sleep(hold).await;
+            sqlx::query("COMMIT").execute(&mut conn).await.unwrap();
+        }
+        Backend::Datastore => tokio::time::sleep(hold).await,
+    }
+}
+
+/// Starts an admin command on `ws`'s store without waiting for it.
+fn start_admin(ws: &Workspace, args: &[&str]) -> std::process::Child {
+    command()
+        .args(args)
+        .arg("--json")
+        .args(&ws.store_flags)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+async fn concurrent_admin_writes_on_one_key_lose_nothing(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let created = ws.admin_json(&["integration", "create", "--integration-id", "race"]);
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    let key_id = created["key_id"].as_str().unwrap().to_owned();
+    let replica = support::Replica::start(&ws, &ws.store_flags, &[], &[]);
+    assert_eq!(replica.status("integration", &key).await, 200);
+    let state = |status: &str, tier: i64| json!({ "status": status, "tier": tier, "expires_at": null });
+
+    for round in 1..=3_i64 {
+        // Both commands read the row while another transaction holds it,
+        // then write: without locking, the later write puts back the
+        // status the earlier one replaced.
+        let holder = hold_the_row(&ws, &key_id, Duration::from_millis(700));
+        let tier = round.to_string();
+        let commands = async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let revoke = start_admin(&ws, &["key", "revoke", "--integration-id", "race", "--key-id", &key_id]);
+            let retier = start_admin(
+                &ws,
+                &["key", "set-tier", "--integration-id", "race", "--key-id", &key_id, "--tier", &tier],
+            );
+            tokio::task::spawn_blocking(move || [revoke.wait_with_output().unwrap(), retier.wait_with_output().unwrap()])
+                .await
+                .unwrap()
+        };
+        let ((), outputs) = tokio::join!(holder, commands);
+        for out in &outputs {
+            assert!(
+                out.status.success(),
+                "{backend:?} round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let shown = ws.admin_json(&["integration", "show", "--integration-id", "race"]);
+        let shown = shown["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["key_id"] == key_id.as_str())
+            .unwrap()
+            .clone();
+        assert_eq!(shown["status"], "revoked", "{backend:?} round {round}: {shown}");
+        assert_eq!(shown["tier"], round, "{backend:?} round {round}: {shown}");
+        // The audit log chains: each record's "before" is what the other
+        // left, and the last "after" is what is stored.
+        let log = ws.admin_json(&["audit", "list", "--integration-id", "race"]);
+        let records = log["records"].as_array().unwrap();
+        let [.., first, second] = records.as_slice() else { panic!("{log}") };
+        assert_eq!(first["after"], second["before"], "{backend:?} round {round}: {log}");
+        assert_eq!(first["before"], state("active", round - 1), "{backend:?} round {round}: {log}");
+        assert_eq!(second["after"], state("revoked", round), "{backend:?} round {round}: {log}");
+        replica
+            .refused_after("integration", &key, std::time::Instant::now(), Duration::from_secs(10))
+            .await;
+        ws.admin_json(&["key", "activate", "--integration-id", "race", "--key-id", &key_id]);
+        // Keep the chain simple for the next round: active, this tier.
+        let log = ws.admin_json(&["audit", "list", "--integration-id", "race"]);
+        let last = log["records"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(last["after"], state("active", round), "{log}");
+    }
+}
+
+/// Changes this test makes straight through the store (as a bulk revoke or
+/// several operators would), more than one poll's page of them.
+const BURST: usize = 600;
+
+async fn a_burst_of_changes_is_followed_to_its_end(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let busy = ws.admin_json(&["integration", "create", "--integration-id", "bulk"]);
+    let busy_id = busy["key_id"].as_str().unwrap().to_owned();
+    let key = ws.integration_key("bulk", &[]);
+    let key_id = key.split('.').nth(2).unwrap().to_owned();
+    let replica = support::Replica::start(&ws, &ws.store_flags, &[], &[]);
+    assert_eq!(replica.status("integration", &key).await, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let store = token_exchange::store::open(&ws.store_args).await.unwrap();
+    let started = std::time::Instant::now();
+    for i in 0..BURST {
+        let tier = i64::try_from(i % 7).unwrap();
+        store
+            .update_integration_key("bulk", &busy_id, token_exchange::store::KeyChange::Tier(tier))
+            .await
+            .unwrap();
+    }
+    eprintln!("{backend:?}: {BURST} changes in {:?}", started.elapsed());
+    // The change after the burst still arrives within seconds, and so does
+    // every later one.
+    for round in 0..2 {
+        ws.admin_json(&["key", "revoke", "--integration-id", "bulk", "--key-id", &key_id]);
+        let took = replica
+            .refused_after("integration", &key, std::time::Instant::now(), Duration::from_secs(10))
+            .await;
+        assert!(took < REVOCATION_BOUND, "{backend:?} round {round}: {took:?}");
+        ws.admin_json(&["key", "activate", "--integration-id", "bulk", "--key-id", &key_id]);
+        let since = std::time::Instant::now();
+        while replica.status("integration", &key).await != 200 {
+            assert!(since.elapsed() < REVOCATION_BOUND, "{backend:?}: not re-activated");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let text = replica.scrape().await;
+    let received = series(&text, "tokenexchange_cache_invalidations_received_total");
+    assert!(received >= (BURST + 4) as f64, "{backend:?}: {received} changes received");
+    assert_eq!(series(&text, "tokenexchange_change_feed_up"), 1.0);
+    let last_read = series(&text, "tokenexchange_change_feed_last_read_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - last_read).abs() < 10.0, "last read {last_read}, now {now}");
+}
+
+/// Runs an admin command on a clock `offset` away from this machine's
+/// (libfaketime); `None` when faketime is not installed.
+fn admin_with_clock(ws: &Workspace, offset: &str, args: &[&str]) -> Option<Value> {
+    let faketime = ["/usr/bin/faketime", "/usr/local/bin/faketime"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let out = std::process::Command::new(faketime)
+        .arg("-f")
+        .arg(offset)
+        .arg(support::BIN)
+        .args(args)
+        .arg("--json")
+        .args(&ws.store_flags)
+        .env("GCE_METADATA_HOST", support::CLOSED_METADATA_HOST)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+async fn changes_from_admin_clocks_far_off_are_followed(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let key = ws.integration_key("skew", &[]);
+    let key_id = key.split('.').nth(2).unwrap().to_owned();
+    let replica = support::Replica::start(&ws, &ws.store_flags, &[], &[]);
+    assert_eq!(replica.status("integration", &key).await, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // An admin machine an hour ahead, then one an hour behind, then ours:
+    // each change arrives within seconds, and the one from the future is
+    // reported.
+    for offset in ["+1h", "-1h", "+0"] {
+        let Some(_) = admin_with_clock(&ws, offset, &["key", "revoke", "--integration-id", "skew", "--key-id", &key_id])
+        else {
+            panic!("faketime is not installed (scripts/lib/test-env.sh installs it)");
+        };
+        let took = replica
+            .refused_after("integration", &key, std::time::Instant::now(), Duration::from_secs(10))
+            .await;
+        assert!(took < REVOCATION_BOUND, "{backend:?} {offset}: {took:?}");
+        admin_with_clock(&ws, offset, &["key", "activate", "--integration-id", "skew", "--key-id", &key_id]);
+        let since = std::time::Instant::now();
+        while replica.status("integration", &key).await != 200 {
+            assert!(since.elapsed() < REVOCATION_BOUND, "{backend:?} {offset}: not re-activated");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // A replica started while the future-stamped change is the newest
+    // still hears the next one.
+    admin_with_clock(&ws, "+1h", &["key", "set-tier", "--integration-id", "skew", "--key-id", &key_id, "--tier", "1"]);
+    let late = support::Replica::start(&ws, &ws.store_flags, &[], &[]);
+    assert_eq!(late.status("integration", &key).await, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ws.admin_json(&["key", "revoke", "--integration-id", "skew", "--key-id", &key_id]);
+    let took = late
+        .refused_after("integration", &key, std::time::Instant::now(), Duration::from_secs(10))
+        .await;
+    assert!(took < REVOCATION_BOUND, "{backend:?} late replica: {took:?}");
+
+    let text = replica.scrape().await;
+    assert!(series(&text, "tokenexchange_change_feed_future_stamps_total") >= 2.0, "{text}");
+    assert_eq!(series(&text, "tokenexchange_key_cache_flushes_total"), 0.0);
+    let warned = replica.log_lines().iter().any(|l| l.contains("stamped in the future"));
+    assert!(warned, "no warning about the clock ahead");
+}
+
+async fn a_store_restored_from_an_older_copy_flushes_the_cache(backend: Backend) {
+    // PostgreSQL keeps no feed position: a restore restarts the server,
+    // which cuts the listener, and that already flushes (tested above).
+    if backend == Backend::Postgres {
+        return;
+    }
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let key = ws.integration_key("restore", &[]);
+    let key_id = key.split('.').nth(2).unwrap().to_owned();
+    ws.admin_json(&["key", "set-tier", "--integration-id", "restore", "--key-id", &key_id, "--tier", "1"]);
+    // The backup: the store as it is now.
+    let backup = ws.path().join("backup.db");
+    let head_path: &[(&str, &str)] = &[("TokenExchangeChangeHead", "head")];
+    let seeder = ws.seeder();
+    let datastore_head = match backend {
+        Backend::Sqlite => {
+            std::fs::copy(ws.store_url().trim_start_matches("sqlite:"), &backup).unwrap();
+            None
+        }
+        _ => Some(seeder.datastore_lookup_own(head_path).await.expect("the feed has a head")),
+    };
+    let replica = support::Replica::start(&ws, &ws.store_flags, &[], &["--key-cache-ttl", "10m"]);
+    assert_eq!(replica.status("integration", &key).await, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Changes after the backup, seen by the replica...
+    for tier in ["2", "3"] {
+        ws.admin_json(&["key", "set-tier", "--integration-id", "restore", "--key-id", &key_id, "--tier", tier]);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while series(&replica.scrape().await, "tokenexchange_cache_invalidations_received_total") < 2.0 {
+        assert!(std::time::Instant::now() < deadline, "changes not received");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(replica.status("integration", &key).await, 200);
+    // ...then the backup put back in place, and one change made on it (so
+    // the feed's position exists again, with other contents).
+    match datastore_head {
+        None => {
+            let path = ws.store_url().trim_start_matches("sqlite:").to_owned();
+            std::fs::copy(&backup, &path).unwrap();
+            // A restore through SQLite (`.restore`, the backup API) moves
+            // the file's change counter on, which tells every open
+            // connection that its cached pages are stale; a bare copy puts
+            // the old counter back. Move it on as the backup API would.
+            use sqlx::Connection as _;
+            let mut conn = sqlx::SqliteConnection::connect(ws.store_url()).await.unwrap();
+            for version in 1..=5 {
+                sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA user_version = {version}")))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        Some(head) => seeder.datastore_commit(vec![head]).await,
+    }
+    ws.admin_json(&["key", "revoke", "--integration-id", "restore", "--key-id", &key_id]);
+    ws.admin_json(&["key", "set-tier", "--integration-id", "restore", "--key-id", &key_id, "--tier", "5"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while series(&replica.scrape().await, "tokenexchange_key_cache_flushes_total") < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "{backend:?}: the restore went unnoticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = replica.status("integration", &key).await;
+    assert_eq!(status, 401, "{backend:?}: {:#?}", replica.log_lines());
 }

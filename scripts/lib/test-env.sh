@@ -14,6 +14,7 @@
 #     and, as root, the container's runtime file system (scripts/runtime-rootfs
 #     into target/runtime-rootfs; RUNTIME_ROOTFS is exported) for
 #     tests/runtime_image.rs;
+#   - faketime (Debian), for admin commands on a skewed clock;
 #   - the pinned cargo subcommands (cargo-auditable, cargo-deny,
 #     cargo-llvm-cov) and Debian's llvm-19, which reads the coverage profiles
 #     (this toolchain has no llvm-tools component).
@@ -187,9 +188,18 @@ build_release() {
     cargo auditable build --release --locked
 }
 
+# libfaketime, for the admin commands the tests run on a clock an hour off.
+install_faketime() {
+    if ! command -v faketime >/dev/null; then
+        log "installing faketime (Debian)"
+        apt-get update -qq && apt-get install -y -qq faketime >/dev/null
+    fi
+}
+
 # Everything the test binaries need at run time; call after building them.
 prepare_test_environment() {
     install_verifiers
+    install_faketime
     if [[ $(id -u) == 0 ]]; then
         log "building the runtime base's file system (libc6, libgcc-s1, ca-certificates)"
         scripts/runtime-rootfs target/runtime-rootfs

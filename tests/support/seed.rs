@@ -29,6 +29,7 @@ pub struct Seeder {
     project: String,
     platform_ns: String,
     ci_ns: String,
+    own_ns: String,
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -51,6 +52,7 @@ impl Seeder {
             project: ws.store_args.project_id.clone(),
             platform_ns: ws.store_args.platform_ns.clone(),
             ci_ns: ws.store_args.client_integration_ns.clone(),
+            own_ns: ws.store_args.own_ns.clone(),
         }
     }
 
@@ -103,6 +105,16 @@ impl Seeder {
     /// Looks up one entity with the raw REST API.
     pub async fn datastore_lookup(&self, ns_platform: bool, path: &[(&str, &str)]) -> Option<Value> {
         let ns = if ns_platform { &self.platform_ns } else { &self.ci_ns };
+        self.lookup_in(ns, path).await
+    }
+
+    /// Looks up one entity of this service's own namespace.
+    #[allow(dead_code)] // not every test binary reads it
+    pub async fn datastore_lookup_own(&self, path: &[(&str, &str)]) -> Option<Value> {
+        self.lookup_in(&self.own_ns, path).await
+    }
+
+    async fn lookup_in(&self, ns: &str, path: &[(&str, &str)]) -> Option<Value> {
         let response: Value = reqwest::Client::new()
             .post(format!("{}/v1/projects/{}:lookup", self.base, self.project))
             .json(&json!({ "keys": [self.key(ns, path)] }))
