@@ -142,3 +142,155 @@ fn migrate_creates_the_schema_and_is_idempotent() {
     assert!(!err.contains("hunter2"), "the password leaked: {err}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// A TCP relay to PostgreSQL that can go silent on the change listener's
+/// connections (application name `token-exchange-changes`), as a middlebox
+/// that drops an idle connection without a FIN or an RST does: from then
+/// on what either side sends is taken and never delivered, and nothing is
+/// closed. Connections made after that pass as usual.
+struct Relay {
+    port: u16,
+    /// Listener connections numbered up to this go silent.
+    silence_before: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Connections accepted so far.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: String) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silence_before = std::sync::Arc::new(AtomicU64::new(0));
+        let silence = silence_before.clone();
+        let accepted = std::sync::Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let index = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let silence = silence.clone();
+                let is_listener = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                let silent = {
+                    let is_listener = is_listener.clone();
+                    move || is_listener.load(Ordering::SeqCst) && index <= silence.load(Ordering::SeqCst)
+                };
+                let up_silent = silent.clone();
+                let marker = is_listener.clone();
+                tokio::spawn(pipe(client_read, server_write, Some(marker), up_silent));
+                tokio::spawn(pipe(server_read, client_write, None, silent));
+            }
+        });
+        Self {
+            port,
+            silence_before,
+            accepted,
+            task,
+        }
+    }
+
+    /// Silences the listener connections open now.
+    fn silence(&self) {
+        use std::sync::atomic::Ordering;
+        self.silence_before
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to` until either ends, dropping what arrives while
+/// `silent()`. With `marker`, sets it once the bytes name the listener.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    marker: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    silent: impl Fn() -> bool,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(n) = from.read(&mut buf).await else { return };
+        if n == 0 {
+            return;
+        }
+        if let Some(marker) = &marker {
+            let named = buf[..n].windows(22).any(|w| w == b"token-exchange-changes");
+            if named {
+                marker.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        if silent() {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+// Several threads: the relay must run while the test waits for the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_connection_dropped_without_a_fin_is_noticed_and_replaced() {
+    let Some(ws) = Workspace::with_backend(Backend::Postgres, "EdDSA") else {
+        return;
+    };
+    let created = support::run_json(&[
+        &["integration", "create", "--integration-id", "silent", "--json"][..],
+        &ws.store_flags.iter().map(String::as_str).collect::<Vec<_>>()[..],
+    ]
+    .concat());
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    let key_id = created["key_id"].as_str().unwrap().to_owned();
+
+    let mut url = url::Url::parse(ws.store_url()).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let relay = Relay::start(upstream).await;
+    url.set_port(Some(relay.port)).unwrap();
+    let flags = ["--store".to_owned(), url.to_string()];
+    let replica = support::Replica::start(
+        &ws,
+        &flags,
+        &[],
+        &["--key-cache-ttl", "10m", "--store-timeout", "1s"],
+    );
+    let client = reqwest::Client::new();
+    assert_eq!(status(&client, &replica.base, &key).await, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The listener's connection goes silent; the lookups' pool is not
+    // named as the listener and keeps working, and so does a new listener.
+    relay.silence();
+    let out = ws.admin(&["key", "revoke", "--integration-id", "silent", "--key-id", &key_id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let revoked = Instant::now();
+    let took = replica
+        .refused_after("integration", &key, revoked, Duration::from_secs(15))
+        .await;
+    eprintln!("revocation through a silenced listener seen after {took:?}");
+    let text = replica.scrape().await;
+    assert!(support::series(&text, "tokenexchange_key_cache_flushes_total") >= 1.0, "{text}");
+    assert!(support::series(&text, "tokenexchange_change_feed_recoveries_total") >= 1.0);
+    let warned = replica
+        .log_lines()
+        .iter()
+        .any(|l| l.contains("did not answer a heartbeat"));
+    assert!(warned, "no warning about the dead listener connection");
+    // And it follows changes again on its new connection, in milliseconds.
+    let out = ws.admin(&["key", "activate", "--integration-id", "silent", "--key-id", &key_id]);
+    assert!(out.status.success());
+    let since = Instant::now();
+    while status(&client, &replica.base, &key).await != 200 {
+        assert!(since.elapsed() < Duration::from_secs(2), "not re-activated");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
