@@ -34,11 +34,17 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// Time between two tokens; zero for rates above one a nanosecond,
+    /// which [`Rate::parse`] refuses.
+    fn period(&self) -> Duration {
+        self.per / self.count.get()
+    }
+
     fn quota(&self) -> Quota {
-        // `per / count` is at least a nanosecond: `per` is at least a second
-        // and `count` at most u32::MAX.
-        Quota::with_period(self.per / self.count.get())
-            .expect("a rate's period is never zero")
+        // The floor keeps a rate built by hand from panicking on the
+        // request path; parsed rates never need it.
+        Quota::with_period(self.period().max(Duration::from_nanos(1)))
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
             .allow_burst(self.burst)
     }
 
@@ -66,11 +72,17 @@ impl Rate {
             "d" | "day" => Duration::from_secs(86_400),
             other => return Err(format!("{text:?}: unknown unit {other:?} (s, m, h or d)")),
         };
-        Ok(Self {
+        let rate = Self {
             count,
             per,
             burst: burst.unwrap_or(count),
-        })
+        };
+        if rate.period().is_zero() {
+            return Err(format!(
+                "{text:?}: faster than one token a nanosecond (1000000000/s), which cannot be measured"
+            ));
+        }
+        Ok(rate)
     }
 }
 
@@ -236,6 +248,9 @@ impl fmt::Display for Refusal {
     }
 }
 
+/// Fewest limiters kept (about 150 bytes each).
+pub const MIN_LIMITERS: usize = 10_000;
+
 type Limiter<C> = governor::RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// The limiters of one process.
@@ -254,6 +269,11 @@ fn whole_secs_up(d: Duration) -> u64 {
 
 impl RateLimits<DefaultClock> {
     /// `None` when every limit is off: then nothing is checked at all.
+    /// `capacity` is the validation cache's: each cached key may need two
+    /// limiters (its own and its integration's), so twice as many are
+    /// kept, and never fewer than [`MIN_LIMITERS`], so that a small or
+    /// disabled cache does not make the two evict each other (an evicted
+    /// limiter comes back full, and every request would pass).
     pub fn new(settings: RateLimitSettings, capacity: usize) -> Option<Self> {
         Self::with_clock(settings, capacity, DefaultClock::default())
     }
@@ -264,7 +284,7 @@ impl<C: Clock + Clone> RateLimits<C> {
         if settings.is_off() {
             return None;
         }
-        let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
+        let capacity = NonZeroUsize::new(capacity.saturating_mul(2).max(MIN_LIMITERS)).unwrap_or(NonZeroUsize::MIN);
         Some(Self {
             settings,
             clock,
@@ -553,16 +573,67 @@ mod tests {
             tiers: TierLimits::parse("*=1/s:burst=1").unwrap(),
             ..Default::default()
         };
-        let limits = RateLimits::with_clock(settings, 10, FakeRelativeClock::default()).unwrap();
+        let limits = RateLimits::with_clock(settings.clone(), 10, FakeRelativeClock::default()).unwrap();
         assert!(limits.is_empty());
-        for i in 0..1000 {
+        for i in 0..MIN_LIMITERS + 1000 {
             limits.check(&key(0, &format!("ki_{i}"))).unwrap();
         }
-        assert_eq!(limits.len(), 10);
+        assert_eq!(limits.len(), MIN_LIMITERS, "never fewer than the floor");
+        let large = RateLimits::with_clock(settings, MIN_LIMITERS, FakeRelativeClock::default()).unwrap();
+        for i in 0..3 * MIN_LIMITERS {
+            large.check(&key(0, &format!("ki_{i}"))).unwrap();
+        }
+        assert_eq!(large.len(), 2 * MIN_LIMITERS, "twice the cache");
         assert!(!limits.is_empty());
         // A tier change makes a new limiter; it does not inherit the old one.
-        assert!(limits.check(&key(0, "ki_999")).is_err());
-        assert!(limits.check(&key(1, "ki_999")).is_ok());
-        assert!(limits.check(&key(1, "ki_999")).is_err());
+        assert!(limits.check(&key(0, "ki_10999")).is_err());
+        assert!(limits.check(&key(1, "ki_10999")).is_ok());
+        assert!(limits.check(&key(1, "ki_10999")).is_err());
+    }
+
+    #[test]
+    fn a_cache_too_small_to_hold_a_keys_two_limiters_still_limits() {
+        // A key's limiter and its integration's, with the cache off (0) or
+        // holding one key: they must not evict each other.
+        for capacity in [0, 1] {
+            let settings = RateLimitSettings {
+                tiers: TierLimits::parse("*=1/h:burst=2").unwrap(),
+                integration: Some(Rate::parse("1/h:burst=3").unwrap()),
+                ..Default::default()
+            };
+            let limits = RateLimits::with_clock(settings, capacity, FakeRelativeClock::default()).unwrap();
+            assert!(limits.check(&key(0, "ki_a")).is_ok());
+            assert!(limits.check(&key(0, "ki_a")).is_ok());
+            let refused = limits.check(&key(0, "ki_a")).unwrap_err();
+            assert_eq!(refused.standing.scope, Scope::Key, "capacity {capacity}");
+            assert!(limits.check(&key(0, "ki_b")).is_ok());
+            assert_eq!(limits.check(&key(0, "ki_b")).unwrap_err().standing.scope, Scope::Integration);
+        }
+    }
+
+    #[test]
+    fn rates_faster_than_a_nanosecond_are_refused_when_parsed() {
+        assert!(Rate::parse("1000000000/s").is_ok());
+        for text in ["1000000001/s", "4294967295/s"] {
+            let err = Rate::parse(text).unwrap_err();
+            assert!(err.contains("nanosecond"), "{err}");
+        }
+        assert!(TierLimits::parse("0=2000000000/s").is_err());
+        // Built by hand, such a rate still limits instead of panicking.
+        let fast = Rate {
+            count: NonZeroU32::MAX,
+            per: Duration::from_secs(1),
+            burst: NonZeroU32::MIN,
+        };
+        let limits = RateLimits::with_clock(
+            RateLimitSettings {
+                integration: Some(fast),
+                ..Default::default()
+            },
+            1,
+            FakeRelativeClock::default(),
+        )
+        .unwrap();
+        assert!(limits.check(&key(0, "ki_a")).is_ok());
     }
 }

@@ -182,6 +182,9 @@ fn a_malformed_limit_stops_the_server_before_it_starts() {
         ("--tier-rate-limits", "0=2/s,0=3/s"),
         ("--integration-rate-limit", "0/s"),
         ("--autojoin-rate-limit", "5/week"),
+        // Its period would be under a nanosecond: it used to pass here and
+        // then panic on every valid exchange.
+        ("--integration-rate-limit", "2000000000/s"),
     ] {
         let out = support::command()
             .args(["serve", "--port", "0", flag, value])
