@@ -33,12 +33,14 @@ impl KeySource {
     fn contents_digest(&self) -> Vec<u8> {
         let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         for path in std::iter::once(&self.private).chain(&self.public) {
-            match std::fs::read(path) {
+            match crate::signing::read_key_file(path) {
                 Ok(bytes) => {
                     ctx.update(&(bytes.len() as u64).to_be_bytes());
                     ctx.update(&bytes);
                 }
-                Err(_) => ctx.update(b"missing"),
+                // Missing and unusable (a FIFO) differ, so a change from
+                // one to the other is tried, and its failure reported.
+                Err(e) => ctx.update(format!("unreadable: {:?}", e.kind()).as_bytes()),
             }
         }
         ctx.finish().as_ref().to_vec()
@@ -92,17 +94,59 @@ pub fn watch(
             None
         }
     };
-    watch_loop(source, keys, metrics, interval, hangup)
+    // Now, before the server listens (blocking is fine at start-up): a
+    // change made once it listens must count as a change.
+    let seen = source.contents_digest();
+    watch_loop(source, seen, keys, metrics, interval, hangup)
+}
+
+/// Longest a read of the key files may take before it is called stuck (a
+/// hung network mount): the current keys stay, and no other read starts
+/// until that one returns.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `read` on a blocking thread, for at most [`READ_TIMEOUT`]. A read
+/// that has not returned by then is left in `stuck`.
+async fn off_thread<T: Send + 'static>(
+    read: impl FnOnce() -> T + Send + 'static,
+    stuck: &mut Option<tokio::task::JoinHandle<()>>,
+) -> Option<T> {
+    if stuck.as_ref().is_some_and(|h| !h.is_finished()) {
+        return None;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let handle = tokio::task::spawn_blocking(move || {
+        let _ = tx.send(read());
+    });
+    match tokio::time::timeout(READ_TIMEOUT, rx).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            tracing::error!(
+                timeout = ?READ_TIMEOUT,
+                "reading the signing key files did not finish (a hung mount?); still using the current keys"
+            );
+            *stuck = Some(handle);
+            None
+        }
+    }
 }
 
 async fn watch_loop(
     source: KeySource,
+    mut seen: Vec<u8>,
     keys: SharedKeys,
     metrics: Arc<Metrics>,
     interval: Duration,
     mut hangup: Option<tokio::signal::unix::Signal>,
 ) {
-    let mut seen = source.contents_digest();
+    // Every read of the files happens off the async workers: a key path
+    // that blocks must not stop the requests they serve.
+    let mut stuck = None;
+    let digest = |source: &KeySource| {
+        let source = source.clone();
+        move || source.contents_digest()
+    };
     let mut tick = tokio::time::interval(interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -110,7 +154,9 @@ async fn watch_loop(
             Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => Trigger::Signal,
             _ = tick.tick() => Trigger::FileChange,
         };
-        let now = source.contents_digest();
+        let Some(now) = off_thread(digest(&source), &mut stuck).await else {
+            continue;
+        };
         if matches!(trigger, Trigger::FileChange) && now == seen {
             continue;
         }
@@ -118,6 +164,10 @@ async fn watch_loop(
         // A failed load is retried when the files change again (or on the
         // next SIGHUP), not on every tick.
         seen = now;
-        reload(&source, &keys, &metrics);
+        let (from, to, counts) = (source.clone(), keys.clone(), metrics.clone());
+        if off_thread(move || reload(&from, &to, &counts), &mut stuck).await.is_none() {
+            // Stuck, or still stuck from before: not reloaded.
+            metrics.key_reloads.with_label_values(&["failure"]).inc();
+        }
     }
 }

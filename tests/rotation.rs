@@ -264,6 +264,60 @@ async fn changed_files_are_picked_up_and_broken_ones_change_nothing() {
     assert_eq!(wait_exit(&mut child).code(), Some(0));
 }
 
+#[tokio::test]
+async fn a_key_path_that_blocks_never_stops_the_server() {
+    let ws = Workspace::new("EdDSA");
+    let api_key = ws.integration_key("fifo", &[]);
+    let dir = ws.path();
+    let (active, published) = (dir.join("active.json"), dir.join("published.json"));
+    keygen(&active, "EdDSA");
+    replace(&published, b"{\"keys\":[]}");
+    let server = Server::start(&ws, &active, &published, "100ms");
+    // A FIFO nobody writes to where the published keys were: opening it
+    // for reading would wait for a writer for ever.
+    std::fs::remove_file(&published).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(&published).status().unwrap();
+    assert!(made.success());
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap();
+    for _ in 0..10 {
+        let health = http.get(format!("{}/health", server.base)).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+        let token = http
+            .post(format!("{}/v0/token/integration", server.base))
+            .json(&serde_json::json!({ "api_key": api_key }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(token.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failures = server.reloads("failure").await;
+    assert!(failures >= 1.0, "the FIFO was not refused: {failures}, {}", server.reloads("success").await);
+    // A regular file again: picked up.
+    std::fs::remove_file(&published).unwrap();
+    replace(&published, b"{\"keys\":[]}");
+    let second = keygen(&dir.join("second.json"), "ES256");
+    replace(&published, &std::fs::read(dir.join("second.json")).unwrap());
+    for _ in 0..50 {
+        if server.kids().await.contains(&second) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(server.kids().await.contains(&second));
+    // At start-up, a FIFO is refused with the path named, not waited on.
+    let fifo = dir.join("fifo.json");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let out = command()
+        .args(["serve", "--port", "0", "--metrics-port", "0", "--store", ws.store_url()])
+        .args(["--private-key-path", fifo.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a regular file") && stderr.contains("fifo.json"), "{stderr}");
+}
+
 #[test]
 fn start_up_refuses_duplicate_kids_and_bad_public_keys() {
     let ws = Workspace::new("EdDSA");

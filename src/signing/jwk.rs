@@ -170,7 +170,7 @@ pub(crate) fn checked_header(m: &JwkMembers) -> Result<(String, Algorithm), JwkE
 /// only the public part is used) or a JWK Set `{"keys":[...]}`, which may be
 /// empty (nothing to publish right now).
 pub fn load_public_keys(path: &Path) -> Result<Vec<PublicJwk>, KeyError> {
-    let bytes = std::fs::read(path).map_err(|error| KeyError::Read {
+    let bytes = super::read_key_file(path).map_err(|error| KeyError::Read {
         path: path.to_owned(),
         error,
     })?;

@@ -51,7 +51,7 @@ pub enum SignError {
 impl SigningKey {
     /// Loads a private JWK file.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let bytes = std::fs::read(path).map_err(|error| KeyError::Read {
+        let bytes = super::read_key_file(path).map_err(|error| KeyError::Read {
             path: path.to_owned(),
             error,
         })?;

@@ -74,6 +74,33 @@ pub enum KeyError {
     Invalid { path: PathBuf, error: JwkError },
 }
 
+/// Largest key file read: a JWK Set of a few RSA keys is a few KiB.
+const MAX_KEY_FILE: u64 = 1 << 20;
+
+/// Reads a key file. Opened without blocking and accepted only as a regular
+/// file: a FIFO or a device at the path would block the open or the read
+/// for as long as nobody writes to it.
+pub fn read_key_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // O_NONBLOCK (Linux): an open of a FIFO with no writer returns at once.
+    const NONBLOCK: i32 = 0o4000;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(NONBLOCK).open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if metadata.len() > MAX_KEY_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_KEY_FILE} bytes"),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
+    file.take(MAX_KEY_FILE + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Keys and key files for the tests of every part.
 #[cfg(test)]
 mod test_keys {
