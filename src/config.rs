@@ -192,21 +192,43 @@ impl std::fmt::Debug for StoreArgs {
     }
 }
 
-/// Who runs this process, for the audit log: the OS user, and the service
-/// account of a Google credentials file when one is set (the principal
-/// Datastore sees). Never a secret from that file.
-pub fn operator() -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown user".to_owned());
-    let account = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS")
+/// Who runs this process, for the audit log: the OS account it runs as
+/// (from the kernel, not from `$USER`, which anyone can set), and, when
+/// the store is Datastore reached with the service-account key file of
+/// `GOOGLE_APPLICATION_CREDENTIALS`, that account (the principal Datastore
+/// sees). Never a secret from that file.
+pub fn operator(google_credentials: bool) -> String {
+    let user = os_account();
+    let account = google_credentials
+        .then(|| std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS"))
+        .flatten()
         .and_then(|path| std::fs::read(path).ok())
         .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok())
+        .filter(|v| v.get("type").and_then(serde_json::Value::as_str) == Some("service_account"))
         .and_then(|v| v.get("client_email")?.as_str().map(str::to_owned));
     match account {
         Some(account) => format!("{user} ({account})"),
         None => user,
     }
+}
+
+/// The name of the account this process runs as, or `uid N` when the
+/// account has no name here (common in containers).
+fn os_account() -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the process's effective user.
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return "unknown user".to_owned();
+    };
+    let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|passwd| {
+        passwd.lines().find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let _password = fields.next()?;
+            (fields.next()?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+        })
+    });
+    name.unwrap_or_else(|| format!("uid {uid}"))
 }
 
 impl StoreArgs {
@@ -219,7 +241,10 @@ impl StoreArgs {
             client_integration_ns: self.client_integration_ns.clone(),
             own_ns: self.own_ns.clone(),
             timeout: self.store_timeout,
-            operator: operator(),
+            operator: operator(
+                self.store_url() == "datastore"
+                    && std::env::var_os("DATASTORE_EMULATOR_HOST").is_none_or(|h| h.is_empty()),
+            ),
             max_connections: self.store_max_connections,
         }
     }

@@ -1654,6 +1654,21 @@ async fn the_audit_log_records_each_change_and_no_secret(backend: Backend) {
     let (later, _) = rfc3339_in(60);
     let none = ws.admin_json(&["audit", "list", "--since", &later]);
     assert_eq!(none["records"].as_array().unwrap().len(), 0);
+
+    // A rotation is audited as one, naming the key it replaces.
+    let created = ws.admin_json(&["integration", "create", "--integration-id", "aud-rot", "--tier", "4"]);
+    let old_id = created["key_id"].as_str().unwrap().to_owned();
+    let rotated = ws.admin_json(&["key", "rotate", "--integration-id", "aud-rot", "--key-id", &old_id]);
+    let log = ws.admin_json(&["audit", "list", "--integration-id", "aud-rot"]);
+    let records = log["records"].as_array().unwrap();
+    let actions: Vec<&str> = records.iter().map(|r| r["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["integration create", "key rotate"], "{log}");
+    assert_eq!(records[1]["key_id"], rotated["key_id"]);
+    assert_eq!(records[1]["before"], Value::Null);
+    assert_eq!(
+        records[1]["after"],
+        json!({ "status": "active", "tier": 4, "expires_at": null, "replaces": old_id })
+    );
 }
 
 /// Holds a write lock on `key_id`'s row in a transaction of its own (as the

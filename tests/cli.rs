@@ -568,3 +568,49 @@ async fn serve_dev_uses_an_existing_store_and_key_as_they_are() {
     assert!(!data_dir.join("jwk-priv.json").exists());
     assert!(!data_dir.join("demo-integration-key").exists());
 }
+
+/// The audit log names the account the process runs as, whatever `$USER`
+/// says, and a credentials file only when it is the credential in use;
+/// tables never print stored control characters raw.
+#[test]
+fn the_operator_is_the_real_account_and_tables_escape_control_characters() {
+    let ws = Workspace::new("EdDSA");
+    let credentials = ws.path().join("sa.json");
+    std::fs::write(
+        &credentials,
+        r#"{"type":"service_account","client_email":"forged\nrow@example.iam.gserviceaccount.com"}"#,
+    )
+    .unwrap();
+    let admin = |args: &[&str]| {
+        let out = command()
+            .args(args)
+            .args(&ws.store_flags)
+            .env("USER", "mallory")
+            .env("LOGNAME", "mallory")
+            .env("GOOGLE_APPLICATION_CREDENTIALS", &credentials)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    admin(&[
+        "integration",
+        "create",
+        "--integration-id",
+        "ctl",
+        "--integration-description",
+        "line one\nctl  2026-01-01T00:00:00Z  forged row\u{1b}[2J",
+    ]);
+    let log: Value = serde_json::from_str(&admin(&["audit", "list", "--json"])).unwrap();
+    let operator = log["records"][0]["operator"].as_str().unwrap().to_owned();
+    let me = std::process::Command::new("id").arg("-un").output().unwrap();
+    let me = String::from_utf8(me.stdout).unwrap().trim().to_owned();
+    // SQLite: no Google credential is in use, so the file is not named.
+    assert_eq!(operator, me, "{log}");
+    assert!(!operator.contains("mallory"));
+
+    let table = admin(&["integration", "list"]);
+    assert_eq!(table.lines().count(), 2, "one header, one row: {table}");
+    assert!(table.contains("line one\\nctl"), "{table}");
+    assert!(!table.contains('\u{1b}'), "{table:?}");
+}

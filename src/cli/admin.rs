@@ -55,6 +55,7 @@ pub async fn create_integration_key(
             tier,
             created_at: OffsetDateTime::now_utc(),
             expires_at,
+            replaces: None,
         })
         .await?;
     Ok((key, created))

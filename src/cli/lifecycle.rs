@@ -5,20 +5,35 @@ use serde_json::json;
 
 use time::OffsetDateTime;
 
-use super::admin::{create_integration_key, open};
+use super::admin::open;
+use crate::api_key::IntegrationApiKey;
 use crate::config::{
     AuditListArgs, DeleteAutojoinKeyArgs, IntegrationListArgs, IntegrationRef, KeyCommand, KeyRef, ListArgs, OrgRef,
     SetAutojoinExpiryArgs, SetKeyExpiryArgs, SetTierArgs, parse_duration, parse_instant,
 };
-use crate::store::{AuditFilter, KeyChange, STATUS_ACTIVE, STATUS_REVOKED, rfc3339};
+use crate::store::{AuditFilter, KeyChange, NewIntegrationKey, STATUS_ACTIVE, STATUS_REVOKED, rfc3339};
 
 /// An optional time as a table cell.
 fn cell(t: Option<&str>) -> String {
     t.unwrap_or("-").to_owned()
 }
 
+/// A cell as printed: control characters (a newline in a description, an
+/// escape sequence in an e-mail) are shown escaped, so stored text cannot
+/// forge rows or rewrite the terminal.
+fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
+}
+
 /// Prints rows under headers, each column as wide as its widest cell.
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows.iter().map(|row| row.iter().map(|c| printable(c)).collect()).collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -267,16 +282,20 @@ async fn rotate(k: &KeyRef) -> anyhow::Result<()> {
         .map(parse_instant)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let (new, _) = create_integration_key(
-        store.as_ref(),
-        &k.integration_id,
-        None,
-        old.tier,
-        "",
-        &old.description,
-        expires_at,
-    )
-    .await?;
+    let new = IntegrationApiKey::generate(&k.integration_id, None);
+    store
+        .create_integration_key(&NewIntegrationKey {
+            integration_id: k.integration_id.clone(),
+            integration_description: String::new(),
+            key_id: new.key_id().to_owned(),
+            key_hash: new.secret().sha256_hex(),
+            key_description: old.description.clone(),
+            tier: old.tier,
+            created_at: OffsetDateTime::now_utc(),
+            expires_at,
+            replaces: Some(k.key_id.clone()),
+        })
+        .await?;
     let api_key = new.to_secret_string();
     if k.json {
         println!(

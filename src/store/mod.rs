@@ -63,6 +63,26 @@ pub struct NewIntegrationKey {
     pub tier: i64,
     pub created_at: OffsetDateTime,
     pub expires_at: Option<OffsetDateTime>,
+    /// The key ID this one replaces (`key rotate`), for the audit log.
+    pub replaces: Option<String>,
+}
+
+impl NewIntegrationKey {
+    /// The audit record of creating this key (`integration create`, or
+    /// `key rotate` naming the key it replaces), given its expiry as stored.
+    pub fn audit_record(&self, operator: &str, expires_at: Option<&str>) -> AuditRecord {
+        let mut after = key_state(STATUS_ACTIVE, self.tier, expires_at);
+        let action = match &self.replaces {
+            Some(old) => {
+                after["replaces"] = serde_json::Value::String(old.clone());
+                "key rotate"
+            }
+            None => "integration create",
+        };
+        AuditRecord::new(operator, action)
+            .key(&self.integration_id, &self.key_id)
+            .change(None, Some(after))
+    }
 }
 
 /// Failures of a store operation. Only [`StoreError::Unavailable`] and

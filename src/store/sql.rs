@@ -482,9 +482,7 @@ impl Admin for SqlStore {
                     classify(e)
                 }
             })?;
-            let record = AuditRecord::new(&self.operator, "integration create")
-                .key(&key.integration_id, &key.key_id)
-                .change(None, Some(key_state(super::STATUS_ACTIVE, key.tier, expires_at.as_deref())));
+            let record = key.audit_record(&self.operator, expires_at.as_deref());
             (*tx).audit(&record).await?;
             tx.commit().await.map_err(classify)?;
             Ok(created)
@@ -1318,6 +1316,7 @@ mod tests {
             tier,
             created_at: OffsetDateTime::now_utc(),
             expires_at: None,
+            replaces: None,
         }
     }
 

@@ -531,12 +531,7 @@ impl Admin for DatastoreStore {
                         ..KeyState::default()
                     };
                     mutations.push(state.upsert(self.integration_state_key(&new.integration_id, &new.key_id)));
-                    let record = AuditRecord::new(&self.operator, "integration create")
-                        .key(&new.integration_id, &new.key_id)
-                        .change(
-                            None,
-                            Some(key_state(STATUS_ACTIVE, new.tier, state.expires_text().as_deref())),
-                        );
+                    let record = new.audit_record(&self.operator, state.expires_text().as_deref());
                     mutations.push(self.audit(&record));
                     Ok((create, mutations))
                 }
