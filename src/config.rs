@@ -120,10 +120,7 @@ impl ExpiryArgs {
     /// The expiry these flags give; `None` when neither is set.
     pub fn expiry(&self) -> Result<Option<time::OffsetDateTime>, String> {
         let at = match (self.expires_in, self.expires_at) {
-            (Some(d), _) => {
-                let d = time::Duration::try_from(d).map_err(|e| format!("--expires-in: {e}"))?;
-                Some(time::OffsetDateTime::now_utc() + d)
-            }
+            (Some(d), _) => Some(from_now(d, true).map_err(|e| format!("--expires-in: {e}"))?),
             (None, at) => at,
         };
         // Whole seconds, as JWT times are: what is stored, printed and
@@ -133,6 +130,37 @@ impl ExpiryArgs {
             return Err("the expiry is not in the future".into());
         }
         Ok(at)
+    }
+}
+
+/// Shortest `--changes-poll-interval`: each poll is a store read (a billed
+/// query on Datastore), so a tighter loop costs much and gains nothing.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A `--changes-poll-interval`: a duration of at least [`MIN_POLL_INTERVAL`].
+pub fn parse_poll_interval(text: &str) -> Result<Duration, String> {
+    let interval = parse_duration(text)?;
+    if interval < MIN_POLL_INTERVAL {
+        return Err(format!("{text:?} is too short: polls are store reads; use at least 100ms"));
+    }
+    Ok(interval)
+}
+
+/// Now, moved `by` later (or earlier), as an instant the stores can keep
+/// and print: RFC 3339 has years 0000 to 9999, and nothing is that far.
+pub fn from_now(by: Duration, later: bool) -> Result<time::OffsetDateTime, String> {
+    let too_far = || format!("{} is too far (past the year 9999)", humantime_like(by));
+    let by = time::Duration::try_from(by).map_err(|_| too_far())?;
+    let now = time::OffsetDateTime::now_utc();
+    let at = if later { now.checked_add(by) } else { now.checked_sub(by) };
+    at.filter(|t| (0..=9999).contains(&t.year())).ok_or_else(too_far)
+}
+
+/// A duration as a user typed it, roughly: whole days, else seconds.
+fn humantime_like(d: Duration) -> String {
+    match d.as_secs() {
+        s if s >= 86_400 => format!("{}d", s / 86_400),
+        s => format!("{s}s"),
     }
 }
 
@@ -332,9 +360,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     /// How often the store is polled for changes published by admin
-    /// commands (SQLite, Datastore; PostgreSQL pushes them). A revoked key
-    /// is refused by every server within about this long (plus the poll).
-    #[arg(long, env = "CHANGES_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    /// commands (SQLite, Datastore; PostgreSQL pushes them, and checks an
+    /// idle listener's connection this often). A revoked key is refused by
+    /// every server within about this long (plus the poll). At least 100ms.
+    #[arg(long, env = "CHANGES_POLL_INTERVAL", default_value = "1s", value_parser = parse_poll_interval)]
     pub changes_poll_interval: Duration,
     /// How often each key's last use and token count are written to the
     /// store (one batch for all keys used since).

@@ -176,7 +176,7 @@ async fn without_limits_nothing_is_limited_or_announced() {
 }
 
 #[test]
-fn a_malformed_limit_stops_the_server_before_it_starts() {
+fn a_malformed_limit_or_poll_interval_stops_the_server_before_it_starts() {
     for (flag, value) in [
         ("--tier-rate-limits", "0=fast"),
         ("--tier-rate-limits", "0=2/s,0=3/s"),
@@ -185,6 +185,9 @@ fn a_malformed_limit_stops_the_server_before_it_starts() {
         // Its period would be under a nanosecond: it used to pass here and
         // then panic on every valid exchange.
         ("--integration-rate-limit", "2000000000/s"),
+        // A poll of the store per loop, as fast as the CPU goes.
+        ("--changes-poll-interval", "0"),
+        ("--changes-poll-interval", "10ms"),
     ] {
         let out = support::command()
             .args(["serve", "--port", "0", flag, value])

@@ -9,7 +9,7 @@ use super::admin::open;
 use crate::api_key::IntegrationApiKey;
 use crate::config::{
     AuditListArgs, DeleteAutojoinKeyArgs, IntegrationListArgs, IntegrationRef, KeyCommand, KeyRef, ListArgs, OrgRef,
-    SetAutojoinExpiryArgs, SetKeyExpiryArgs, SetTierArgs, parse_duration, parse_instant,
+    SetAutojoinExpiryArgs, SetKeyExpiryArgs, SetTierArgs, from_now, parse_duration, parse_instant,
 };
 use crate::store::{AuditFilter, KeyChange, NewIntegrationKey, STATUS_ACTIVE, STATUS_REVOKED, rfc3339};
 
@@ -74,7 +74,7 @@ pub(super) async fn integration_list(list_args: &IntegrationListArgs) -> anyhow:
 /// keys never used): the candidates to retire.
 async fn unused_keys(args: &ListArgs, unused_for: std::time::Duration) -> anyhow::Result<()> {
     let store = open(&args.store).await?;
-    let cutoff = rfc3339(OffsetDateTime::now_utc() - time::Duration::try_from(unused_for)?);
+    let cutoff = rfc3339(from_now(unused_for, false).map_err(|e| anyhow::anyhow!("--unused-for: {e}"))?);
     let mut unused = Vec::new();
     for integration in store.list_integrations().await? {
         for key in store.list_integration_keys(&integration.integration_id).await? {
@@ -430,7 +430,7 @@ pub(super) async fn audit_list(args: &AuditListArgs) -> anyhow::Result<()> {
             Err(_) => {
                 let ago = parse_duration(text)
                     .map_err(|_| anyhow::anyhow!("--since {text:?} is neither an RFC 3339 time nor a duration"))?;
-                OffsetDateTime::now_utc() - time::Duration::try_from(ago)?
+                from_now(ago, false).map_err(|e| anyhow::anyhow!("--since: {e}"))?
             }
         }),
     };
