@@ -424,6 +424,12 @@ fn made_up_key(i: usize) -> String {
 /// `clients` threads, each sending `per_client` exchanges of made-up keys
 /// and resetting the connection (RST) `after` the request is sent.
 fn aborting_clients(addr: &str, clients: usize, per_client: usize, after: Duration) {
+    aborting_clients_from(addr, clients, per_client, after, 0);
+}
+
+/// As [`aborting_clients`], with made-up keys numbered from `first`, so
+/// that successive rounds miss the refusal cache.
+fn aborting_clients_from(addr: &str, clients: usize, per_client: usize, after: Duration, first: usize) {
     use std::io::Write as _;
     let threads: Vec<_> = (0..clients)
         .map(|c| {
@@ -433,7 +439,7 @@ fn aborting_clients(addr: &str, clients: usize, per_client: usize, after: Durati
                     let Ok(mut conn) = std::net::TcpStream::connect(&addr) else {
                         continue;
                     };
-                    let body = format!(r#"{{"api_key":"{}"}}"#, made_up_key(c * per_client + i));
+                    let body = format!(r#"{{"api_key":"{}"}}"#, made_up_key(first + c * per_client + i));
                     let head = format!(
                         "POST /v0/token/integration HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
                         body.len()
@@ -470,31 +476,66 @@ async fn attack_1_clients_that_hang_up_leave_no_memory_behind() {
     let target = Target::start(&["--key-cache-size", "1000"]);
     target.legitimate().await;
     // Made-up keys, each connection reset 300 us after its request, many
-    // of them in the middle of their lookup. The first 30,000 bring the
-    // allocator's arenas and the cache to their working size (measured
-    // here: +8 to 14 MiB, then +0.1 to 0.3 MiB per further 10,000, with
-    // a few MiB of noise); a leak of the ~100 bytes per request seen
-    // before the fix would add 6 MiB or more over the next 60,000.
-    aborting_clients(&target.addr, 8, 3_750, Duration::from_micros(300));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = target.rss_mib();
+    // of them in the middle of their lookup, in rounds of 20,000. The
+    // allocator's arenas and the cache take a while to reach their working
+    // size, longer on a loaded machine (measured with the release binary:
+    // +11, +2.8, +0.8, +1.1, +0.4 MiB per 60,000; with the debug binary
+    // it creeps 0.2 to 2 MiB a round for ten rounds, then stays), so
+    // rounds run until three in a row add under 0.5 MiB together; only then
+    // is growth measured, over 120,000 more. A leak of 40 bytes a request
+    // (0.8 MiB a round) never lets the warm-up settle and adds 4.6 MiB to
+    // the measurement.
+    let cancelled = r#"tokenexchange_requests_cancelled_total{phase="handling",route="/v0/token/integration"}"#;
+    let mut next_key = 0;
+    let mut round = |target: &Target| {
+        aborting_clients_from(&target.addr, 8, ROUND / 8, Duration::from_micros(300), next_key);
+        next_key += ROUND;
+    };
+    let mut rss = vec![target.rss_mib()];
+    for warm_up in 1..=MAX_WARM_UP_ROUNDS {
+        round(&target);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        rss.push(target.rss_mib());
+        if warm_up >= PLATEAU_ROUNDS && rss[warm_up] - rss[warm_up - PLATEAU_ROUNDS] < PLATEAU_MIB {
+            break;
+        }
+    }
+    let before = *rss.last().unwrap();
+    let abandoned_before = target.metric(cancelled).await;
     let started = std::time::Instant::now();
-    aborting_clients(&target.addr, 8, 7_500, Duration::from_micros(300));
+    for _ in 0..MEASURED_ROUNDS {
+        round(&target);
+    }
     let took = started.elapsed();
-    let after = settles(before + 5.0, || target.rss_mib()).await;
+    let after = settles(before + LEAK_BOUND_MIB, || target.rss_mib()).await;
     let flights = target.metric("tokenexchange_key_cache_lookups_in_flight").await;
-    let abandoned = target
-        .metric(r#"tokenexchange_requests_cancelled_total{phase="handling",route="/v0/token/integration"}"#)
-        .await;
+    let abandoned = target.metric(cancelled).await - abandoned_before;
     eprintln!(
-        "attack 1: 60,000 aborted requests (after 30,000) in {took:?} ({abandoned} abandoned mid-handling); RSS {before:.1} -> \
-         {after:.1} MiB (peak {:.1}); lookups in flight after: {flights}",
+        "attack 1: warm-up RSS {rss:.1?} MiB ({} rounds of {ROUND}); then {} aborted requests in {took:?} \
+         ({abandoned} abandoned mid-handling): RSS {before:.1} -> {after:.1} MiB (peak {:.1}); lookups in flight \
+         after: {flights}",
+        rss.len() - 1,
+        MEASURED_ROUNDS * ROUND,
         target.peak_rss_mib()
     );
+    // The attack did what it is meant to: lookups were left mid-way.
+    assert!(abandoned > 0.0, "no request was abandoned mid-handling");
     assert_eq!(flights, 0.0);
-    assert!(after - before < 5.0, "RSS grew {:.1} MiB", after - before);
+    assert!(after - before < LEAK_BOUND_MIB, "RSS grew {:.1} MiB", after - before);
     assert!(target.legitimate().await < Duration::from_secs(2));
 }
+
+/// Aborted requests per round of attack 1.
+const ROUND: usize = 20_000;
+/// Warm-up rounds at most; the measurement starts once the last
+/// `PLATEAU_ROUNDS` added under `PLATEAU_MIB` together.
+const MAX_WARM_UP_ROUNDS: usize = 20;
+const PLATEAU_ROUNDS: usize = 3;
+const PLATEAU_MIB: f64 = 0.5;
+/// Rounds measured once RSS settled.
+const MEASURED_ROUNDS: usize = 6;
+/// Growth allowed over the measured rounds, for the allocator's noise.
+const LEAK_BOUND_MIB: f64 = 3.0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_2_slow_bodies_do_not_lock_out_legitimate_callers() {
