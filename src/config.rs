@@ -141,7 +141,9 @@ pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
 pub fn parse_poll_interval(text: &str) -> Result<Duration, String> {
     let interval = parse_duration(text)?;
     if interval < MIN_POLL_INTERVAL {
-        return Err(format!("{text:?} is too short: polls are store reads; use at least 100ms"));
+        return Err(format!(
+            "{text:?} is too short: polls are store reads; use at least 100ms"
+        ));
     }
     Ok(interval)
 }
@@ -152,7 +154,11 @@ pub fn from_now(by: Duration, later: bool) -> Result<time::OffsetDateTime, Strin
     let too_far = || format!("{} is too far (past the year 9999)", humantime_like(by));
     let by = time::Duration::try_from(by).map_err(|_| too_far())?;
     let now = time::OffsetDateTime::now_utc();
-    let at = if later { now.checked_add(by) } else { now.checked_sub(by) };
+    let at = if later {
+        now.checked_add(by)
+    } else {
+        now.checked_sub(by)
+    };
     at.filter(|t| (0..=9999).contains(&t.year())).ok_or_else(too_far)
 }
 

@@ -48,7 +48,9 @@ pub async fn follow(mut feed: Box<dyn ChangeFeed>, cache: Arc<KeyCache>, metrics
                     tracing::info!(after = ?since.elapsed(), "reading published changes again");
                 }
                 metrics.change_feed_up.set(1);
-                metrics.change_feed_last_read.set(OffsetDateTime::now_utc().unix_timestamp());
+                metrics
+                    .change_feed_last_read
+                    .set(OffsetDateTime::now_utc().unix_timestamp());
                 let now = feed.recoveries();
                 metrics.change_feed_recoveries.inc_by(now - recoveries);
                 recoveries = now;

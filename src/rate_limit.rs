@@ -607,7 +607,10 @@ mod tests {
             let refused = limits.check(&key(0, "ki_a")).unwrap_err();
             assert_eq!(refused.standing.scope, Scope::Key, "capacity {capacity}");
             assert!(limits.check(&key(0, "ki_b")).is_ok());
-            assert_eq!(limits.check(&key(0, "ki_b")).unwrap_err().standing.scope, Scope::Integration);
+            assert_eq!(
+                limits.check(&key(0, "ki_b")).unwrap_err().standing.scope,
+                Scope::Integration
+            );
         }
     }
 

@@ -165,7 +165,10 @@ async fn watch_loop(
         // next SIGHUP), not on every tick.
         seen = now;
         let (from, to, counts) = (source.clone(), keys.clone(), metrics.clone());
-        if off_thread(move || reload(&from, &to, &counts), &mut stuck).await.is_none() {
+        if off_thread(move || reload(&from, &to, &counts), &mut stuck)
+            .await
+            .is_none()
+        {
             // Stuck, or still stuck from before: not reloaded.
             metrics.key_reloads.with_label_values(&["failure"]).inc();
         }

@@ -1730,11 +1730,22 @@ async fn concurrent_admin_writes_on_one_key_lose_nothing(backend: Backend) {
             let revoke = start_admin(&ws, &["key", "revoke", "--integration-id", "race", "--key-id", &key_id]);
             let retier = start_admin(
                 &ws,
-                &["key", "set-tier", "--integration-id", "race", "--key-id", &key_id, "--tier", &tier],
+                &[
+                    "key",
+                    "set-tier",
+                    "--integration-id",
+                    "race",
+                    "--key-id",
+                    &key_id,
+                    "--tier",
+                    &tier,
+                ],
             );
-            tokio::task::spawn_blocking(move || [revoke.wait_with_output().unwrap(), retier.wait_with_output().unwrap()])
-                .await
-                .unwrap()
+            tokio::task::spawn_blocking(move || {
+                [revoke.wait_with_output().unwrap(), retier.wait_with_output().unwrap()]
+            })
+            .await
+            .unwrap()
         };
         let ((), outputs) = tokio::join!(holder, commands);
         for out in &outputs {
@@ -1758,10 +1769,20 @@ async fn concurrent_admin_writes_on_one_key_lose_nothing(backend: Backend) {
         // left, and the last "after" is what is stored.
         let log = ws.admin_json(&["audit", "list", "--integration-id", "race"]);
         let records = log["records"].as_array().unwrap();
-        let [.., first, second] = records.as_slice() else { panic!("{log}") };
+        let [.., first, second] = records.as_slice() else {
+            panic!("{log}")
+        };
         assert_eq!(first["after"], second["before"], "{backend:?} round {round}: {log}");
-        assert_eq!(first["before"], state("active", round - 1), "{backend:?} round {round}: {log}");
-        assert_eq!(second["after"], state("revoked", round), "{backend:?} round {round}: {log}");
+        assert_eq!(
+            first["before"],
+            state("active", round - 1),
+            "{backend:?} round {round}: {log}"
+        );
+        assert_eq!(
+            second["after"],
+            state("revoked", round),
+            "{backend:?} round {round}: {log}"
+        );
         replica
             .refused_after("integration", &key, std::time::Instant::now(), Duration::from_secs(10))
             .await;
@@ -1816,7 +1837,10 @@ async fn a_burst_of_changes_is_followed_to_its_end(backend: Backend) {
     }
     let text = replica.scrape().await;
     let received = series(&text, "tokenexchange_cache_invalidations_received_total");
-    assert!(received >= (BURST + 4) as f64, "{backend:?}: {received} changes received");
+    assert!(
+        received >= (BURST + 4) as f64,
+        "{backend:?}: {received} changes received"
+    );
     assert_eq!(series(&text, "tokenexchange_change_feed_up"), 1.0);
     let last_read = series(&text, "tokenexchange_change_feed_last_read_timestamp_seconds");
     let now = std::time::SystemTime::now()
@@ -1842,7 +1866,11 @@ fn admin_with_clock(ws: &Workspace, offset: &str, args: &[&str]) -> Option<Value
         .env("GCE_METADATA_HOST", support::CLOSED_METADATA_HOST)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some(serde_json::from_slice(&out.stdout).unwrap())
 }
 
@@ -1860,24 +1888,47 @@ async fn changes_from_admin_clocks_far_off_are_followed(backend: Backend) {
     // each change arrives within seconds, and the one from the future is
     // reported.
     for offset in ["+1h", "-1h", "+0"] {
-        let Some(_) = admin_with_clock(&ws, offset, &["key", "revoke", "--integration-id", "skew", "--key-id", &key_id])
-        else {
+        let Some(_) = admin_with_clock(
+            &ws,
+            offset,
+            &["key", "revoke", "--integration-id", "skew", "--key-id", &key_id],
+        ) else {
             panic!("faketime is not installed (scripts/lib/test-env.sh installs it)");
         };
         let took = replica
             .refused_after("integration", &key, std::time::Instant::now(), Duration::from_secs(10))
             .await;
         assert!(took < REVOCATION_BOUND, "{backend:?} {offset}: {took:?}");
-        admin_with_clock(&ws, offset, &["key", "activate", "--integration-id", "skew", "--key-id", &key_id]);
+        admin_with_clock(
+            &ws,
+            offset,
+            &["key", "activate", "--integration-id", "skew", "--key-id", &key_id],
+        );
         let since = std::time::Instant::now();
         while replica.status("integration", &key).await != 200 {
-            assert!(since.elapsed() < REVOCATION_BOUND, "{backend:?} {offset}: not re-activated");
+            assert!(
+                since.elapsed() < REVOCATION_BOUND,
+                "{backend:?} {offset}: not re-activated"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     // A replica started while the future-stamped change is the newest
     // still hears the next one.
-    admin_with_clock(&ws, "+1h", &["key", "set-tier", "--integration-id", "skew", "--key-id", &key_id, "--tier", "1"]);
+    admin_with_clock(
+        &ws,
+        "+1h",
+        &[
+            "key",
+            "set-tier",
+            "--integration-id",
+            "skew",
+            "--key-id",
+            &key_id,
+            "--tier",
+            "1",
+        ],
+    );
     let late = support::Replica::start(&ws, &ws.store_flags, &[], &[]);
     assert_eq!(late.status("integration", &key).await, 200);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -1888,7 +1939,10 @@ async fn changes_from_admin_clocks_far_off_are_followed(backend: Backend) {
     assert!(took < REVOCATION_BOUND, "{backend:?} late replica: {took:?}");
 
     let text = replica.scrape().await;
-    assert!(series(&text, "tokenexchange_change_feed_future_stamps_total") >= 2.0, "{text}");
+    assert!(
+        series(&text, "tokenexchange_change_feed_future_stamps_total") >= 2.0,
+        "{text}"
+    );
     assert_eq!(series(&text, "tokenexchange_key_cache_flushes_total"), 0.0);
     let warned = replica.log_lines().iter().any(|l| l.contains("stamped in the future"));
     assert!(warned, "no warning about the clock ahead");
@@ -1905,7 +1959,16 @@ async fn a_store_restored_from_an_older_copy_flushes_the_cache(backend: Backend)
     };
     let key = ws.integration_key("restore", &[]);
     let key_id = key.split('.').nth(2).unwrap().to_owned();
-    ws.admin_json(&["key", "set-tier", "--integration-id", "restore", "--key-id", &key_id, "--tier", "1"]);
+    ws.admin_json(&[
+        "key",
+        "set-tier",
+        "--integration-id",
+        "restore",
+        "--key-id",
+        &key_id,
+        "--tier",
+        "1",
+    ]);
     // The backup: the store as it is now.
     let backup = ws.path().join("backup.db");
     let head_path: &[(&str, &str)] = &[("TokenExchangeChangeHead", "head")];
@@ -1915,17 +1978,35 @@ async fn a_store_restored_from_an_older_copy_flushes_the_cache(backend: Backend)
             std::fs::copy(ws.store_url().trim_start_matches("sqlite:"), &backup).unwrap();
             None
         }
-        _ => Some(seeder.datastore_lookup_own(head_path).await.expect("the feed has a head")),
+        _ => Some(
+            seeder
+                .datastore_lookup_own(head_path)
+                .await
+                .expect("the feed has a head"),
+        ),
     };
     let replica = support::Replica::start(&ws, &ws.store_flags, &[], &["--key-cache-ttl", "10m"]);
     assert_eq!(replica.status("integration", &key).await, 200);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // Changes after the backup, seen by the replica...
     for tier in ["2", "3"] {
-        ws.admin_json(&["key", "set-tier", "--integration-id", "restore", "--key-id", &key_id, "--tier", tier]);
+        ws.admin_json(&[
+            "key",
+            "set-tier",
+            "--integration-id",
+            "restore",
+            "--key-id",
+            &key_id,
+            "--tier",
+            tier,
+        ]);
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while series(&replica.scrape().await, "tokenexchange_cache_invalidations_received_total") < 2.0 {
+    while series(
+        &replica.scrape().await,
+        "tokenexchange_cache_invalidations_received_total",
+    ) < 2.0
+    {
         assert!(std::time::Instant::now() < deadline, "changes not received");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1952,10 +2033,22 @@ async fn a_store_restored_from_an_older_copy_flushes_the_cache(backend: Backend)
         Some(head) => seeder.datastore_commit(vec![head]).await,
     }
     ws.admin_json(&["key", "revoke", "--integration-id", "restore", "--key-id", &key_id]);
-    ws.admin_json(&["key", "set-tier", "--integration-id", "restore", "--key-id", &key_id, "--tier", "5"]);
+    ws.admin_json(&[
+        "key",
+        "set-tier",
+        "--integration-id",
+        "restore",
+        "--key-id",
+        &key_id,
+        "--tier",
+        "5",
+    ]);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while series(&replica.scrape().await, "tokenexchange_key_cache_flushes_total") < 1.0 {
-        assert!(std::time::Instant::now() < deadline, "{backend:?}: the restore went unnoticed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{backend:?}: the restore went unnoticed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let status = replica.status("integration", &key).await;

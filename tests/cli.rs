@@ -590,7 +590,11 @@ fn the_operator_is_the_real_account_and_tables_escape_control_characters() {
             .env("GOOGLE_APPLICATION_CREDENTIALS", &credentials)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     admin(&[
@@ -622,21 +626,53 @@ fn durations_past_the_year_9999_are_refused_clearly() {
     let ws = Workspace::new("EdDSA");
     let created = ws.admin_json(&["integration", "create", "--integration-id", "far"]);
     let key_id = created["key_id"].as_str().unwrap().to_owned();
-    ws.admin(&["autojoin", "create-org", "--org", "far-org", "--email", "ops@example.org"]);
+    ws.admin(&[
+        "autojoin",
+        "create-org",
+        "--org",
+        "far-org",
+        "--email",
+        "ops@example.org",
+    ]);
     for (args, flag) in [
-        (vec!["integration", "create", "--integration-id", "far", "--expires-in", "3000000d"], "--expires-in"),
         (
-            vec!["key", "set-expiry", "--integration-id", "far", "--key-id", &key_id, "--expires-in", "99999999d"],
+            vec![
+                "integration",
+                "create",
+                "--integration-id",
+                "far",
+                "--expires-in",
+                "3000000d",
+            ],
             "--expires-in",
         ),
-        (vec!["autojoin", "create-key", "--org", "far-org", "--expires-in", "3000000d"], "--expires-in"),
+        (
+            vec![
+                "key",
+                "set-expiry",
+                "--integration-id",
+                "far",
+                "--key-id",
+                &key_id,
+                "--expires-in",
+                "99999999d",
+            ],
+            "--expires-in",
+        ),
+        (
+            vec!["autojoin", "create-key", "--org", "far-org", "--expires-in", "3000000d"],
+            "--expires-in",
+        ),
         (vec!["audit", "list", "--since", "3000000d"], "--since"),
         (vec!["integration", "list", "--unused-for", "3000000d"], "--unused-for"),
     ] {
         let out = ws.admin(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains(flag) && stderr.contains("too far"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains("too far"),
+            "{args:?}: {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
     // Nothing was changed by the refused commands.

@@ -244,11 +244,13 @@ async fn a_listener_connection_dropped_without_a_fin_is_noticed_and_replaced() {
     let Some(ws) = Workspace::with_backend(Backend::Postgres, "EdDSA") else {
         return;
     };
-    let created = support::run_json(&[
-        &["integration", "create", "--integration-id", "silent", "--json"][..],
-        &ws.store_flags.iter().map(String::as_str).collect::<Vec<_>>()[..],
-    ]
-    .concat());
+    let created = support::run_json(
+        &[
+            &["integration", "create", "--integration-id", "silent", "--json"][..],
+            &ws.store_flags.iter().map(String::as_str).collect::<Vec<_>>()[..],
+        ]
+        .concat(),
+    );
     let key = created["api_key"].as_str().unwrap().to_owned();
     let key_id = created["key_id"].as_str().unwrap().to_owned();
 
@@ -257,12 +259,7 @@ async fn a_listener_connection_dropped_without_a_fin_is_noticed_and_replaced() {
     let relay = Relay::start(upstream).await;
     url.set_port(Some(relay.port)).unwrap();
     let flags = ["--store".to_owned(), url.to_string()];
-    let replica = support::Replica::start(
-        &ws,
-        &flags,
-        &[],
-        &["--key-cache-ttl", "10m", "--store-timeout", "1s"],
-    );
+    let replica = support::Replica::start(&ws, &flags, &[], &["--key-cache-ttl", "10m", "--store-timeout", "1s"]);
     let client = reqwest::Client::new();
     assert_eq!(status(&client, &replica.base, &key).await, 200);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -278,7 +275,10 @@ async fn a_listener_connection_dropped_without_a_fin_is_noticed_and_replaced() {
         .await;
     eprintln!("revocation through a silenced listener seen after {took:?}");
     let text = replica.scrape().await;
-    assert!(support::series(&text, "tokenexchange_key_cache_flushes_total") >= 1.0, "{text}");
+    assert!(
+        support::series(&text, "tokenexchange_key_cache_flushes_total") >= 1.0,
+        "{text}"
+    );
     assert!(support::series(&text, "tokenexchange_change_feed_recoveries_total") >= 1.0);
     let warned = replica
         .log_lines()

@@ -278,7 +278,10 @@ async fn a_key_path_that_blocks_never_stops_the_server() {
     std::fs::remove_file(&published).unwrap();
     let made = std::process::Command::new("mkfifo").arg(&published).status().unwrap();
     assert!(made.success());
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
     for _ in 0..10 {
         let health = http.get(format!("{}/health", server.base)).send().await.unwrap();
         assert_eq!(health.status(), 200);
@@ -292,7 +295,11 @@ async fn a_key_path_that_blocks_never_stops_the_server() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let failures = server.reloads("failure").await;
-    assert!(failures >= 1.0, "the FIFO was not refused: {failures}, {}", server.reloads("success").await);
+    assert!(
+        failures >= 1.0,
+        "the FIFO was not refused: {failures}, {}",
+        server.reloads("success").await
+    );
     // A regular file again: picked up.
     std::fs::remove_file(&published).unwrap();
     replace(&published, b"{\"keys\":[]}");
@@ -307,7 +314,13 @@ async fn a_key_path_that_blocks_never_stops_the_server() {
     assert!(server.kids().await.contains(&second));
     // At start-up, a FIFO is refused with the path named, not waited on.
     let fifo = dir.join("fifo.json");
-    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
     let out = command()
         .args(["serve", "--port", "0", "--metrics-port", "0", "--store", ws.store_url()])
         .args(["--private-key-path", fifo.to_str().unwrap()])
@@ -315,7 +328,10 @@ async fn a_key_path_that_blocks_never_stops_the_server() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("not a regular file") && stderr.contains("fifo.json"), "{stderr}");
+    assert!(
+        stderr.contains("not a regular file") && stderr.contains("fifo.json"),
+        "{stderr}"
+    );
 }
 
 #[test]

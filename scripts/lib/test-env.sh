@@ -9,7 +9,8 @@
 #   - the pinned independent verifiers for the interoperability tests:
 #     interop/requirements.txt in a virtual environment (target/interop-venv)
 #     and interop/package-lock.json in interop/node_modules; the pinned
-#     Dockerfile linter (scripts/requirements-tools.txt) in the same venv;
+#     Dockerfile linter and schemathesis (scripts/requirements-tools.txt) in
+#     the same venv;
 #   - the release binary, built as the Dockerfile builds it (cargo auditable)
 #     and, as root, the container's runtime file system (scripts/runtime-rootfs
 #     into target/runtime-rootfs; RUNTIME_ROOTFS is exported) for
@@ -219,6 +220,36 @@ prepare_test_environment() {
     export GCE_METADATA_HOST=127.0.0.1:1
 }
 
+# openapi.yaml against a live `serve --dev` (the release binary), with
+# every schemathesis check; schemathesis.toml says which answers are
+# accepted beyond its defaults, and why. A fixed seed, so a failure can be
+# replayed.
+run_schemathesis() {
+    local port metrics dir pid root=$PWD status=0
+    port=$(free_port)
+    metrics=$(free_port)
+    dir="$WORK_DIR/schemathesis"
+    mkdir -p "$dir"
+    target/release/token-exchange serve --dev --data-dir "$dir/data" --port "$port" --metrics-port "$metrics" \
+        >"$dir/server.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 100); do
+        curl -fsS "http://127.0.0.1:$port/ready" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    # From its own folder: it keeps its example database in the current one.
+    (cd "$dir" && "$root/target/interop-venv/bin/st" --config-file "$root/schemathesis.toml" \
+        run "$root/openapi.yaml" --url "http://127.0.0.1:$port" \
+        --max-examples 200 --seed 20261202 --no-color) || status=$?
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    if ((status != 0)); then
+        echo "schemathesis found the server and openapi.yaml in disagreement; the server's log:" >&2
+        tail -n 20 "$dir/server.log" >&2
+    fi
+    return "$status"
+}
+
 # Every test, instrumented, against the real stores, then the coverage table
 # with its floors: the second half of scripts/test, and all of scripts/coverage.
 run_suite_with_coverage() {
@@ -232,6 +263,9 @@ run_suite_with_coverage() {
 
     log "hadolint (Dockerfiles)"
     target/interop-venv/bin/hadolint Dockerfile deploy/cloudrun/otel-collector/Dockerfile
+
+    log "schemathesis (openapi.yaml against a live server)"
+    run_schemathesis
 
     log "cargo test"
     cargo test --locked --all-targets

@@ -26,13 +26,22 @@ fn printable(text: &str) -> String {
         return text.to_owned();
     }
     text.chars()
-        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
         .collect()
 }
 
 /// Prints rows under headers, each column as wide as its widest cell.
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {
-    let rows: Vec<Vec<String>> = rows.iter().map(|row| row.iter().map(|c| printable(c)).collect()).collect();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| printable(c)).collect())
+        .collect();
     let rows = rows.as_slice();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {

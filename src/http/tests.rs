@@ -755,7 +755,7 @@ async fn openapi_describes_exactly_what_the_router_serves() {
     let served_paths: BTreeSet<&str> = observe::ROUTES.iter().copied().collect();
     assert_eq!(documented_paths, served_paths);
 
-    const METHODS: [&str; 7] = ["get", "head", "post", "put", "delete", "patch", "options"];
+    const METHODS: [&str; 8] = ["get", "head", "post", "put", "delete", "patch", "options", "trace"];
     let mut documented = BTreeSet::new();
     for (path, item) in paths {
         let methods: Vec<&str> = METHODS.iter().copied().filter(|m| item.get(*m).is_some()).collect();
@@ -839,11 +839,10 @@ async fn openapi_describes_exactly_what_the_router_serves() {
         );
         see("/ready", &method, &call(&f.state, method.clone(), "/ready", "").await);
     }
-    see(
-        "/health",
-        &Method::GET,
-        &call(&f.state, Method::GET, "/health", "").await,
-    );
+    for method in METHODS {
+        let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        see("/health", &method, &call(&f.state, method.clone(), "/health", "").await);
+    }
     // At the limit of requests in flight.
     let all = f.state.in_flight.available_permits() as u32;
     let held = f.state.in_flight.clone().acquire_many_owned(all).await.unwrap();

@@ -85,10 +85,16 @@ pub fn read_key_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::OpenOptionsExt as _;
     // O_NONBLOCK (Linux): an open of a FIFO with no writer returns at once.
     const NONBLOCK: i32 = 0o4000;
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(NONBLOCK).open(path)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(NONBLOCK)
+        .open(path)?;
     let metadata = file.metadata()?;
     if !metadata.is_file() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
     }
     if metadata.len() > MAX_KEY_FILE {
         return Err(std::io::Error::new(

@@ -264,7 +264,9 @@ impl WritePool for SqlitePool {
 impl WritePool for PgPool {
     type Db = sqlx::Postgres;
     const LOCK_ROWS: &'static str = " FOR UPDATE";
-    fn begin_write(&self) -> impl Future<Output = Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError>> + Send {
+    fn begin_write(
+        &self,
+    ) -> impl Future<Output = Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError>> + Send {
         async move { self.begin().await.map_err(classify) }
     }
 }
@@ -1110,7 +1112,10 @@ impl SqliteFeed {
                 seq: r.try_get("seq").map_err(backend)?,
                 at: r.try_get("at").map_err(backend)?,
             }),
-            None => Ok(Seen { seq: 0, at: String::new() }),
+            None => Ok(Seen {
+                seq: 0,
+                at: String::new(),
+            }),
         }
     }
 
@@ -1252,7 +1257,8 @@ impl PgFeed {
                 Err(classify(e))
             }
             Err(_quiet) => {
-                let answered = tokio::time::timeout(self.timeout, sqlx::query("SELECT 1").execute(&mut *listener)).await;
+                let answered =
+                    tokio::time::timeout(self.timeout, sqlx::query("SELECT 1").execute(&mut *listener)).await;
                 match answered {
                     Ok(Ok(_)) => Ok(Vec::new()),
                     Ok(Err(e)) => {
