@@ -256,18 +256,16 @@ trait WritePool {
 impl WritePool for SqlitePool {
     type Db = sqlx::Sqlite;
     const LOCK_ROWS: &'static str = "";
-    fn begin_write(&self) -> impl Future<Output = Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError>> + Send {
-        async move { self.begin_with("BEGIN IMMEDIATE").await.map_err(classify) }
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        self.begin_with("BEGIN IMMEDIATE").await.map_err(classify)
     }
 }
 
 impl WritePool for PgPool {
     type Db = sqlx::Postgres;
     const LOCK_ROWS: &'static str = " FOR UPDATE";
-    fn begin_write(
-        &self,
-    ) -> impl Future<Output = Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError>> + Send {
-        async move { self.begin().await.map_err(classify) }
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+        self.begin().await.map_err(classify)
     }
 }
 
