@@ -1959,16 +1959,7 @@ async fn a_store_restored_from_an_older_copy_flushes_the_cache(backend: Backend)
     };
     let key = ws.integration_key("restore", &[]);
     let key_id = key.split('.').nth(2).unwrap().to_owned();
-    ws.admin_json(&[
-        "key",
-        "set-tier",
-        "--integration-id",
-        "restore",
-        "--key-id",
-        &key_id,
-        "--tier",
-        "1",
-    ]);
+    set_tier(&ws, "restore", &key_id, "1");
     // The backup: the store as it is now.
     let backup = ws.path().join("backup.db");
     let head_path: &[(&str, &str)] = &[("TokenExchangeChangeHead", "head")];
@@ -1990,16 +1981,7 @@ async fn a_store_restored_from_an_older_copy_flushes_the_cache(backend: Backend)
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // Changes after the backup, seen by the replica...
     for tier in ["2", "3"] {
-        ws.admin_json(&[
-            "key",
-            "set-tier",
-            "--integration-id",
-            "restore",
-            "--key-id",
-            &key_id,
-            "--tier",
-            tier,
-        ]);
+        set_tier(&ws, "restore", &key_id, tier);
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while series(
@@ -2033,16 +2015,7 @@ async fn a_store_restored_from_an_older_copy_flushes_the_cache(backend: Backend)
         Some(head) => seeder.datastore_commit(vec![head]).await,
     }
     ws.admin_json(&["key", "revoke", "--integration-id", "restore", "--key-id", &key_id]);
-    ws.admin_json(&[
-        "key",
-        "set-tier",
-        "--integration-id",
-        "restore",
-        "--key-id",
-        &key_id,
-        "--tier",
-        "5",
-    ]);
+    set_tier(&ws, "restore", &key_id, "5");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while series(&replica.scrape().await, "tokenexchange_key_cache_flushes_total") < 1.0 {
         assert!(
@@ -2053,4 +2026,18 @@ async fn a_store_restored_from_an_older_copy_flushes_the_cache(backend: Backend)
     }
     let status = replica.status("integration", &key).await;
     assert_eq!(status, 401, "{backend:?}: {:#?}", replica.log_lines());
+}
+
+/// `key set-tier` through the CLI, which must succeed.
+fn set_tier(ws: &Workspace, integration: &str, key_id: &str, tier: &str) {
+    ws.admin_json(&[
+        "key",
+        "set-tier",
+        "--integration-id",
+        integration,
+        "--key-id",
+        key_id,
+        "--tier",
+        tier,
+    ]);
 }

@@ -151,7 +151,9 @@ impl DatastoreStore {
         };
         let (kind, subject, key_id) = what.to_parts();
         let unindexed = |text: &str| json!({ "stringValue": text, "excludeFromIndexes": true });
-        let change = insert(
+        // An upsert: after a partial restore (the head from a backup, the
+        // changes not) the number may be taken; the head decides.
+        let change = upsert(
             Self::key(&self.own, &[(CHANGE_KIND, &change_name(next.seq))]),
             properties([
                 ("seq", wire::integer(next.seq)),
@@ -162,13 +164,16 @@ impl DatastoreStore {
                 ("key_id", unindexed(key_id)),
             ]),
         );
-        let head = json!({ "upsert": Entity {
-            key: head_key,
-            properties: properties([
-                ("seq", json!({ "integerValue": next.seq.to_string(), "excludeFromIndexes": true })),
+        let head = upsert(
+            head_key,
+            properties([
+                (
+                    "seq",
+                    json!({ "integerValue": next.seq.to_string(), "excludeFromIndexes": true }),
+                ),
                 ("token", unindexed(&next.token)),
             ]),
-        } });
+        );
         Ok(vec![head, change])
     }
 
@@ -356,8 +361,10 @@ fn fingerprint_of(e: &Entity) -> String {
     crate::api_key::fingerprint_of_hash(&fingerprint_of_full(e))
 }
 
-/// Runs of a transaction before giving up on contention.
-const TRANSACTION_ATTEMPTS: u32 = 5;
+/// Runs of a transaction before giving up on contention. Every admin write
+/// advances the change feed's head, so concurrent operators contend there:
+/// eight runs, with the backoff, wait up to about 5 s for a turn.
+const TRANSACTION_ATTEMPTS: u32 = 8;
 
 /// Exponential pause with jitter, so contending writers do not collide again.
 fn backoff(attempt: u32) -> Duration {
@@ -390,6 +397,10 @@ impl From<CallError> for TxError {
 
 fn insert(key: Key, properties: Map<String, Value>) -> Value {
     json!({ "insert": Entity { key, properties } })
+}
+
+fn upsert(key: Key, properties: Map<String, Value>) -> Value {
+    json!({ "upsert": Entity { key, properties } })
 }
 
 fn properties<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
