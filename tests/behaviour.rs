@@ -61,6 +61,7 @@ for_each_backend!(
     a_burst_of_changes_is_followed_to_its_end,
     changes_from_admin_clocks_far_off_are_followed,
     a_store_restored_from_an_older_copy_flushes_the_cache,
+    a_nul_in_a_made_up_key_is_an_unknown_key,
 );
 
 fn verify(token: &str, jwks: &jsonwebtoken::jwk::JwkSet, alg: Algorithm, audience: &str) -> Value {
@@ -2040,4 +2041,26 @@ fn set_tier(ws: &Workspace, integration: &str, key_id: &str, tier: &str) {
         "--tier",
         tier,
     ]);
+}
+
+async fn a_nul_in_a_made_up_key_is_an_unknown_key(backend: Backend) {
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let key = ws.integration_key("nul", &[]);
+    let replica = support::Replica::start(&ws, &ws.store_flags, &[], &[]);
+    // PostgreSQL text cannot hold a NUL: asking it would be a store error
+    // (503, paging operators, never cached). No stored name holds one.
+    for made_up in ["mlabk.cii_n\u{0}ul.ki_0000.secret", "mlabk.cii_nul.ki_00\u{0}00.secret"] {
+        for _ in 0..3 {
+            assert_eq!(replica.status("integration", made_up).await, 401, "{backend:?}");
+        }
+    }
+    assert_eq!(replica.status("integration", &key).await, 200);
+    let text = replica.scrape().await;
+    let errors = format!(
+        r#"tokenexchange_store_lookups_total{{backend="{}",kind="integration",result="error"}}"#,
+        backend.label()
+    );
+    assert_eq!(series(&text, &errors), 0.0, "{text}");
 }

@@ -680,3 +680,57 @@ fn durations_past_the_year_9999_are_refused_clearly() {
     assert_eq!(shown["keys"].as_array().unwrap().len(), 1);
     assert_eq!(shown["keys"][0]["expires_at"], Value::Null);
 }
+
+/// The SQLite file holds key hashes and e-mail addresses: created private
+/// even through a symbolic link to a file not there yet, a file others can
+/// read is used with a warning, and what is not a regular file is refused.
+#[test]
+fn the_sqlite_file_is_private_and_a_readable_one_is_reported() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let list = |path: &std::path::Path| {
+        command()
+            .args(["integration", "list", "--store"])
+            .arg(format!("sqlite:{}", path.display()))
+            .output()
+            .unwrap()
+    };
+    let create = |path: &std::path::Path| {
+        command()
+            .args(["integration", "create", "--integration-id", "p", "--store"])
+            .arg(format!("sqlite:{}", path.display()))
+            .output()
+            .unwrap()
+    };
+    // Through a link to a file that does not exist yet.
+    let target = dir.path().join("real.db");
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let out = create(&link);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    // Made readable by others: used, and said so.
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = list(&target);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("chmod 600") && stderr.contains("real.db"), "{stderr}");
+    // A FIFO is refused at once, naming the path.
+    let fifo = dir.path().join("fifo.db");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = list(&fifo);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not a regular file") && stderr.contains("fifo.db"),
+        "{stderr}"
+    );
+}
