@@ -209,6 +209,52 @@ mod tests {
         follower.abort();
     }
 
+    /// A feed whose first read never returns, then answers every second.
+    struct Stuck {
+        calls: u32,
+    }
+
+    #[async_trait::async_trait]
+    impl ChangeFeed for Stuck {
+        async fn next(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
+            self.calls += 1;
+            if self.calls == 1 {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(Vec::new())
+        }
+
+        fn recoveries(&self) -> u64 {
+            0
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_feed_that_stops_answering_is_reported_and_its_return_flushes_the_cache() {
+        let metrics = Arc::new(Metrics::new());
+        let cache = Arc::new(KeyCache::new(
+            CacheSettings::default(),
+            Arc::new(ManualClock::new()),
+            metrics.clone(),
+        ));
+        cache_valid(&cache, "k1").await;
+        let follower = tokio::spawn(follow(Box::new(Stuck { calls: 0 }), cache.clone(), metrics.clone()));
+        let started = tokio::time::Instant::now();
+        while metrics.key_cache_flushes.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if started.elapsed() < STALL_BOUND {
+                assert_eq!(metrics.key_cache_flushes.get(), 0, "flushed before the bound");
+            }
+            assert!(started.elapsed() < STALL_BOUND * 2, "the stall was never reported");
+        }
+        assert!(started.elapsed() >= STALL_BOUND);
+        assert_eq!(metrics.change_feed_recoveries.get(), 1);
+        assert_eq!(metrics.change_feed_up.get(), 1, "up again");
+        assert!(metrics.change_feed_last_read.get() > 0);
+        follower.abort();
+    }
+
     #[test]
     fn a_change_from_a_clock_ahead_of_ours_counts_as_no_lag() {
         let metrics = Metrics::new();
@@ -223,6 +269,21 @@ mod tests {
         };
         apply(&cache, &metrics, &ahead);
         assert_eq!(metrics.invalidation_lag.get_sample_sum(), 0.0);
+        assert_eq!(
+            metrics.change_feed_future_stamps.get(),
+            1,
+            "five minutes ahead is reported"
+        );
+        let close = ChangeNotice {
+            at: Some(OffsetDateTime::now_utc() + time::Duration::seconds(2)),
+            ..ahead
+        };
+        apply(&cache, &metrics, &close);
+        assert_eq!(
+            metrics.change_feed_future_stamps.get(),
+            1,
+            "two seconds is a normal difference"
+        );
         assert_eq!(metrics.key_cache_flushes.get(), 0);
     }
 }

@@ -174,3 +174,76 @@ async fn watch_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signing::{Algorithm, SigningKey};
+
+    fn source(dir: &std::path::Path) -> KeySource {
+        let (_, text) = SigningKey::generate(Algorithm::EdDsa, None).unwrap();
+        let private = dir.join("active.json");
+        std::fs::write(&private, text).unwrap();
+        KeySource {
+            private,
+            public: vec![dir.join("published.json")],
+        }
+    }
+
+    #[test]
+    fn a_missing_file_and_one_that_is_not_a_file_differ_from_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = source(dir.path());
+        let missing = source.contents_digest();
+        std::fs::create_dir(&source.public[0]).unwrap();
+        let directory = source.contents_digest();
+        assert_ne!(missing, directory);
+        std::fs::remove_dir(&source.public[0]).unwrap();
+        std::fs::write(&source.public[0], "{\"keys\":[]}").unwrap();
+        assert_ne!(source.contents_digest(), missing);
+    }
+
+    #[test]
+    fn a_reload_swaps_in_a_set_that_loads_and_keeps_the_old_one_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = source(dir.path());
+        std::fs::write(&source.public[0], "{\"keys\":[]}").unwrap();
+        let keys: SharedKeys = Arc::new(arc_swap::ArcSwap::from_pointee(source.load().unwrap()));
+        let metrics = Metrics::new();
+        let first = keys.load().active().kid().to_owned();
+        let (_, text) = SigningKey::generate(Algorithm::EdDsa, None).unwrap();
+        std::fs::write(&source.private, text).unwrap();
+        assert!(reload(&source, &keys, &metrics));
+        assert_ne!(keys.load().active().kid(), first);
+        std::fs::write(&source.private, "not json").unwrap();
+        let second = keys.load().active().kid().to_owned();
+        assert!(!reload(&source, &keys, &metrics));
+        assert_eq!(keys.load().active().kid(), second);
+        assert_eq!(metrics.key_reloads.with_label_values(&["success"]).get(), 1);
+        assert_eq!(metrics.key_reloads.with_label_values(&["failure"]).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_read_that_does_not_return_is_left_and_none_starts_meanwhile() {
+        let mut stuck = None;
+        assert_eq!(off_thread(|| 7, &mut stuck).await, Some(7));
+        // A read that panics gives nothing, and is not stuck.
+        assert_eq!(off_thread(|| -> u8 { panic!("read failed") }, &mut stuck).await, None);
+        assert!(stuck.is_none());
+        let started = std::time::Instant::now();
+        let hung = off_thread(|| std::thread::sleep(READ_TIMEOUT + Duration::from_secs(2)), &mut stuck).await;
+        assert_eq!(hung, None);
+        assert!(started.elapsed() < READ_TIMEOUT + Duration::from_secs(1));
+        assert!(stuck.is_some());
+        // While it hangs, no other read starts.
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        let next = off_thread(
+            move || flag.store(true, std::sync::atomic::Ordering::SeqCst),
+            &mut stuck,
+        )
+        .await;
+        assert_eq!(next, None);
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}

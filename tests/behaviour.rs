@@ -62,6 +62,7 @@ for_each_backend!(
     changes_from_admin_clocks_far_off_are_followed,
     a_store_restored_from_an_older_copy_flushes_the_cache,
     a_nul_in_a_made_up_key_is_an_unknown_key,
+    the_change_feed_in_process_reads_every_change_once_and_owns_up_to_gaps,
 );
 
 fn verify(token: &str, jwks: &jsonwebtoken::jwk::JwkSet, alg: Algorithm, audience: &str) -> Value {
@@ -1842,6 +1843,12 @@ async fn a_burst_of_changes_is_followed_to_its_end(backend: Backend) {
         received >= (BURST + 4) as f64,
         "{backend:?}: {received} changes received"
     );
+    // Read to the end, not given up on: nothing was flushed.
+    assert_eq!(
+        series(&text, "tokenexchange_key_cache_flushes_total"),
+        0.0,
+        "{backend:?}"
+    );
     assert_eq!(series(&text, "tokenexchange_change_feed_up"), 1.0);
     let last_read = series(&text, "tokenexchange_change_feed_last_read_timestamp_seconds");
     let now = std::time::SystemTime::now()
@@ -2063,4 +2070,158 @@ async fn a_nul_in_a_made_up_key_is_an_unknown_key(backend: Backend) {
         backend.label()
     );
     assert_eq!(series(&text, &errors), 0.0, "{text}");
+}
+
+use token_exchange::store::changes::{ChangeFeed, ChangeNotice, Invalidation};
+
+/// Reads `feed` until `count` changes of one key arrived (or 20 s passed);
+/// returns how many `Everything` came with them.
+async fn read_changes(feed: &mut Box<dyn ChangeFeed>, count: usize) -> (usize, usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (mut keys, mut everything) = (0, 0);
+    while keys < count && std::time::Instant::now() < deadline {
+        let notices: Vec<ChangeNotice> = tokio::time::timeout(Duration::from_secs(5), feed.next())
+            .await
+            .expect("the feed answers")
+            .expect("the feed reads");
+        for notice in notices {
+            match notice.what {
+                Invalidation::IntegrationKey { .. } => keys += 1,
+                Invalidation::Everything => everything += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    (keys, everything)
+}
+
+/// Reads `feed` until it reports `Everything` (or 10 s passed).
+async fn lost_track(feed: &mut Box<dyn ChangeFeed>) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let notices = feed.next().await.expect("the feed reads");
+        if notices.iter().any(|n| n.what == Invalidation::Everything) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The feed as a server follows it, in this process: every change once,
+/// a burst larger than a page to its end, and (where the store keeps a
+/// position) gaps and restores reported as `Everything`.
+async fn the_change_feed_in_process_reads_every_change_once_and_owns_up_to_gaps(backend: Backend) {
+    use token_exchange::store::KeyChange;
+    let Some(ws) = Workspace::with_backend(backend, "EdDSA") else {
+        return;
+    };
+    let created = ws.admin_json(&["integration", "create", "--integration-id", "feed"]);
+    let key_id = created["key_id"].as_str().unwrap().to_owned();
+    let store = token_exchange::store::open(&ws.store_args).await.unwrap();
+    let mut feed = store.change_feed(Duration::from_millis(100));
+    assert!(
+        feed.next().await.unwrap().is_empty(),
+        "the first read only finds its place"
+    );
+    let change = |tier: i64| {
+        let (store, key_id) = (store.clone(), key_id.clone());
+        async move {
+            store
+                .update_integration_key("feed", &key_id, KeyChange::Tier(tier))
+                .await
+                .unwrap()
+        }
+    };
+    for tier in 1..=3 {
+        change(tier).await;
+    }
+    assert_eq!(read_changes(&mut feed, 3).await, (3, 0), "{backend:?}");
+    // A quiet feed answers within its interval (PostgreSQL: a heartbeat).
+    let quiet = std::time::Instant::now();
+    assert!(feed.next().await.unwrap().is_empty());
+    assert!(quiet.elapsed() < Duration::from_secs(3), "{:?}", quiet.elapsed());
+    // More than a page (Datastore 500, SQLite 1,000 a poll).
+    for i in 0..1_050 {
+        change(i % 5).await;
+    }
+    assert_eq!(read_changes(&mut feed, 1_050).await, (1_050, 0), "{backend:?}");
+
+    match backend {
+        Backend::Postgres => {}
+        Backend::Sqlite => {
+            use sqlx::Connection as _;
+            let mut db = sqlx::SqliteConnection::connect(ws.store_url()).await.unwrap();
+            // A change missing between two others: reported, the others read.
+            for tier in 1..=3 {
+                change(tier).await;
+            }
+            sqlx::query("DELETE FROM changes WHERE seq = (SELECT MAX(seq) - 1 FROM changes)")
+                .execute(&mut db)
+                .await
+                .unwrap();
+            assert_eq!(read_changes(&mut feed, 2).await, (2, 1));
+            // The change last read, gone (an older copy put back).
+            sqlx::query("DELETE FROM changes WHERE seq = (SELECT MAX(seq) FROM changes)")
+                .execute(&mut db)
+                .await
+                .unwrap();
+            assert!(lost_track(&mut feed).await, "the restore went unnoticed");
+            // And it follows changes again (past the rows deleted here,
+            // which it reports once more).
+            change(4).await;
+            let (keys, everything) = read_changes(&mut feed, 1).await;
+            assert_eq!(keys, 1);
+            assert!(everything <= 1);
+        }
+        Backend::Datastore => {
+            let seeder = ws.seeder();
+            let own = |path: Value, properties: Value| {
+                json!({
+                    "key": {
+                        "partitionId": { "projectId": ws.store_args.project_id, "namespaceId": ws.store_args.own_ns },
+                        "path": path,
+                    },
+                    "properties": properties,
+                })
+            };
+            let head_path: &[(&str, &str)] = &[("TokenExchangeChangeHead", "head")];
+            let head_seq = || async {
+                let head = seeder.datastore_lookup_own(head_path).await.unwrap();
+                head["properties"]["seq"]["integerValue"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<i64>()
+                    .unwrap()
+            };
+            let set_head = |seq: i64| {
+                own(
+                    json!([{ "kind": "TokenExchangeChangeHead", "name": "head" }]),
+                    json!({ "seq": { "integerValue": seq.to_string() }, "token": { "stringValue": "put-back" } }),
+                )
+            };
+            // The head put back (a restored backup).
+            let seq = head_seq().await;
+            seeder.datastore_commit(vec![set_head(seq - 5)]).await;
+            assert!(lost_track(&mut feed).await, "a head that went back went unnoticed");
+            // The head ahead of the changes it announces.
+            seeder.datastore_commit(vec![set_head(seq + 5)]).await;
+            assert!(
+                lost_track(&mut feed).await,
+                "changes that cannot be read went unnoticed"
+            );
+            // The change last read replaced by another with its number.
+            change(1).await;
+            assert_eq!(read_changes(&mut feed, 1).await, (1, 0));
+            let seq = head_seq().await;
+            let replaced = own(
+                json!([{ "kind": "TokenExchangeChange", "name": format!("seq-{seq:020}") }]),
+                json!({ "seq": { "integerValue": seq.to_string() }, "token": { "stringValue": "other" } }),
+            );
+            seeder.datastore_commit(vec![replaced]).await;
+            change(2).await;
+            assert!(lost_track(&mut feed).await, "a replaced change went unnoticed");
+            change(3).await;
+            assert_eq!(read_changes(&mut feed, 1).await, (1, 0));
+        }
+    }
 }

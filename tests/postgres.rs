@@ -294,3 +294,58 @@ async fn a_listener_connection_dropped_without_a_fin_is_noticed_and_replaced() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The same dead connection, with the feed in this process: the heartbeat
+/// fails within the store timeout, the next read reconnects, and the first
+/// answer after it says that anything may have changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_heartbeat_fails_on_a_silent_connection_and_the_feed_recovers() {
+    use token_exchange::store::changes::Invalidation;
+    let Some(ws) = Workspace::with_backend(Backend::Postgres, "EdDSA") else {
+        return;
+    };
+    let mut url = url::Url::parse(ws.store_url()).unwrap();
+    let relay = Relay::start(format!("{}:{}", url.host_str().unwrap(), url.port().unwrap())).await;
+    url.set_port(Some(relay.port)).unwrap();
+    let mut args = ws.store_args.clone();
+    args.store = Some(url.to_string());
+    args.store_timeout = Duration::from_millis(500);
+    let store = token_exchange::store::open(&args).await.unwrap();
+    let mut feed = store.change_feed(Duration::from_millis(100));
+    assert!(feed.next().await.unwrap().is_empty(), "connected");
+    assert!(feed.next().await.unwrap().is_empty(), "a heartbeat answered");
+    relay.silence();
+    let started = Instant::now();
+    let err = feed.next().await.unwrap_err().to_string();
+    assert!(err.contains("did not answer a heartbeat"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    let back = feed.next().await.unwrap();
+    assert_eq!(
+        back.first().map(|n| &n.what),
+        Some(&Invalidation::Everything),
+        "{back:?}"
+    );
+    assert_eq!(feed.recoveries(), 1);
+    // And it hears changes on the new connection.
+    let created = support::run_json(
+        &[
+            &["integration", "create", "--integration-id", "hb", "--json"][..],
+            &ws.store_flags.iter().map(String::as_str).collect::<Vec<_>>()[..],
+        ]
+        .concat(),
+    );
+    let key_id = created["key_id"].as_str().unwrap();
+    let out = ws.admin(&["key", "revoke", "--integration-id", "hb", "--key-id", key_id]);
+    assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let notices = feed.next().await.unwrap();
+        if notices
+            .iter()
+            .any(|n| matches!(&n.what, Invalidation::IntegrationKey { key_id: k, .. } if k == key_id))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the revocation did not arrive");
+    }
+}

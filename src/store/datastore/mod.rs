@@ -1187,7 +1187,10 @@ impl DatastoreFeed {
         while position.seq < head.seq && pages < PAGES_PER_POLL {
             pages += 1;
             let batch = self.client.run_query(&self.partition, query.clone()).await?.batch;
-            let full = batch.entity_results.len() as i64 >= CHANGES_PER_PAGE;
+            // Datastore may end a batch before the limit (the emulator at
+            // 300) and say NOT_FINISHED: only NO_MORE_RESULTS, or an empty
+            // batch, means there is nothing after this one.
+            let more = !batch.entity_results.is_empty() && batch.more_results.as_deref() != Some("NO_MORE_RESULTS");
             for result in &batch.entity_results {
                 let entity = &result.entity;
                 let seen = FeedHead::from_entity(Some(entity));
@@ -1211,7 +1214,7 @@ impl DatastoreFeed {
                 position = seen;
             }
             match batch.end_cursor {
-                Some(cursor) if full => query["startCursor"] = Value::String(cursor),
+                Some(cursor) if more => query["startCursor"] = Value::String(cursor),
                 _ => break,
             }
         }
