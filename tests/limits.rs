@@ -312,3 +312,97 @@ async fn clients_that_leave_are_logged_and_counted_as_499_with_their_phase() {
     drop(lock);
     assert_eq!(app.status("integration", &key).await, 200);
 }
+
+/// Over a real socket: HTTP/1.1 without `Host` (or with two) is a 400 and
+/// the connection is closed, as Go answers; HTTP/1.0 needs none.
+#[tokio::test]
+async fn http_1_1_without_a_host_is_400_over_the_wire() {
+    let ws = Workspace::new("EdDSA");
+    let key = ws.integration_key("hosts", &[]);
+    let app = app(&ws, settings(&ws)).await;
+    let body = format!(r#"{{"api_key":"{key}"}}"#);
+    for head in [
+        format!(
+            "POST /v0/token/integration HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        ),
+        format!(
+            "POST /v0/token/integration HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        ),
+    ] {
+        let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(body.as_bytes()).await.unwrap();
+        let response = read_response(&mut conn, Duration::from_secs(5)).await;
+        assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+        assert!(
+            response.to_ascii_lowercase().contains("connection: close"),
+            "{response}"
+        );
+        assert!(response.ends_with("missing required Host header"), "{response}");
+        assert!(!response.contains("token"), "{response}");
+    }
+    let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+    conn.write_all(b"GET /health HTTP/1.0\r\n\r\n").await.unwrap();
+    let response = read_response(&mut conn, Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+}
+
+/// Over a real socket, the router's edge cases: the target `*`, CONNECT
+/// and an encoded slash (not a separator) answered as Go 1.24 answers them;
+/// percent-encoded letters are not decoded (a README difference).
+#[tokio::test]
+async fn the_routers_edge_cases_are_answered_as_go_answers_them() {
+    let ws = Workspace::new("EdDSA");
+    let key = ws.integration_key("edges", &[]);
+    let app = app(&ws, settings(&ws)).await;
+    let body = format!(r#"{{"api_key":"{key}"}}"#);
+    let post = format!(
+        "POST /v0/token/%69ntegration HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for (request, status, tail) in [
+        (
+            "OPTIONS * HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            "200",
+            "\r\n\r\n",
+        ),
+        (
+            "GET * HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            "400",
+            "\r\n\r\n",
+        ),
+        (
+            "CONNECT t:443 HTTP/1.1\r\nHost: t:443\r\nConnection: close\r\n\r\n",
+            "404",
+            "404 page not found\n",
+        ),
+        (
+            "GET /%68ealth HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            "404",
+            "404 page not found\n",
+        ),
+        (
+            "GET /%2Fhealth HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            "404",
+            "404 page not found\n",
+        ),
+        (
+            "GET //health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            "301",
+            "Moved Permanently</a>.\n\n",
+        ),
+        (post.as_str(), "404", "404 page not found\n"),
+    ] {
+        let mut conn = TcpStream::connect(addr(&app)).await.unwrap();
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let response = read_response(&mut conn, Duration::from_secs(5)).await;
+        let first = request.lines().next().unwrap();
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status}")),
+            "{first}: {response}"
+        );
+        assert!(response.ends_with(tail), "{first}: {response:?}");
+    }
+}

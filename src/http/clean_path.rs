@@ -34,12 +34,14 @@ const PATH_ESCAPES: &AsciiSet = &CONTROLS
 
 /// The redirect for a request whose path is not clean, or `None` when it is.
 pub(super) fn redirect_unclean(request: &Request) -> Option<Response> {
-    // Go compares the decoded path with its cleaned form.
-    let decoded = percent_decode_str(request.uri().path()).decode_utf8_lossy();
-    let clean = clean_path(&decoded);
-    if clean == decoded {
+    // Go cleans the path as sent, so an encoded slash (`/%2Fhealth`) is part
+    // of a segment, not a separator: clean, and then not found.
+    let raw = request.uri().path();
+    if clean_path(raw) == raw {
         return None;
     }
+    let decoded = percent_decode_str(raw).decode_utf8_lossy();
+    let clean = clean_path(&decoded);
     let mut location = utf8_percent_encode(&clean, PATH_ESCAPES).to_string();
     if let Some(query) = request.uri().query().filter(|q| !q.is_empty()) {
         location.push('?');

@@ -54,6 +54,12 @@ pub enum ApiError {
     /// A valid key over its (or its integration's, organization's) limit.
     #[error("{0}")]
     RateLimited(Box<Refusal>),
+    /// A method other than OPTIONS on the target `*`.
+    #[error("a request for * that is not OPTIONS")]
+    AsteriskForm,
+    /// An HTTP/1.1 request without exactly one `Host` (RFC 9112, 3.2).
+    #[error("HTTP/1.1 request without exactly one Host header")]
+    BadHost,
 }
 
 impl From<Rejection> for ApiError {
@@ -86,6 +92,10 @@ impl ApiError {
             // (nginx's "client closed request").
             ApiError::ClientGone => (CLIENT_CLOSED_REQUEST, "Client Closed Request\n"),
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "Too many requests\n"),
+            // Go's router: no body.
+            ApiError::AsteriskForm => (StatusCode::BAD_REQUEST, ""),
+            // Go's net/http text, which it writes before any handler.
+            ApiError::BadHost => (StatusCode::BAD_REQUEST, "400 Bad Request: missing required Host header"),
         }
     }
 }
@@ -108,6 +118,10 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(_) | ApiError::Overloaded | ApiError::TimedOut
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        if matches!(self, ApiError::BadHost | ApiError::AsteriskForm) {
+            // As Go does: a client this confused is not kept.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let ApiError::RateLimited(refusal) = &self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(refusal.retry_after_secs));

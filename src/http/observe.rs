@@ -10,7 +10,7 @@ use std::time::Instant;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 
 use super::AppState;
 use crate::claims::Principal;
@@ -163,6 +163,36 @@ fn route_of(path: &str) -> Option<usize> {
     ROUTES.iter().position(|r| *r == path)
 }
 
+/// RFC 9112 (3.2): a server must answer 400 to an HTTP/1.1 request with
+/// no `Host` or more than one, as Go's does; HTTP/1.0 needs none.
+fn host_ok(request: &Request) -> bool {
+    if request.version() != axum::http::Version::HTTP_11 {
+        return true;
+    }
+    let mut hosts = request.headers().get_all(axum::http::header::HOST).iter();
+    hosts.next().is_some() && hosts.next().is_none()
+}
+
+/// What Go's server answers, before routing, for a request whose target is
+/// not one of our paths: `OPTIONS *` 200 and any other method on `*` 400
+/// (net/http), `CONNECT` 404 (its router neither cleans nor redirects
+/// those), an unclean path a redirect.
+fn not_routed(request: &Request) -> Option<Response> {
+    if request.uri().path() == "*" {
+        let mut response = if request.method() == Method::OPTIONS {
+            (StatusCode::OK, [(axum::http::header::CONTENT_LENGTH, "0")]).into_response()
+        } else {
+            super::ApiError::AsteriskForm.into_response()
+        };
+        response.headers_mut().remove(axum::http::header::CONTENT_TYPE);
+        return Some(response);
+    }
+    if request.method() == Method::CONNECT {
+        return Some(super::ApiError::NotFound.into_response());
+    }
+    super::clean_path::redirect_unclean(request)
+}
+
 fn loggable(route: Option<usize>) -> &'static str {
     route.map_or("other", |r| ROUTES[r])
 }
@@ -170,6 +200,7 @@ fn loggable(route: Option<usize>) -> &'static str {
 pub(super) async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
+    let mut request = request;
     let route = route_of(request.uri().path());
     let path = loggable(route);
     let id = request_id(request.headers());
@@ -177,7 +208,6 @@ pub(super) async fn observe(State(state): State<Arc<AppState>>, request: Request
     let id_text = id.to_str().unwrap_or_default();
 
     let progress = Progress::default();
-    let mut request = request;
     request.extensions_mut().insert(progress.clone());
     let mut abandoned = Abandoned {
         armed: true,
@@ -193,11 +223,12 @@ pub(super) async fn observe(State(state): State<Arc<AppState>>, request: Request
     // access line carries the request ID, and a span cost every request an
     // allocation and its fields formatted twice.
     let redirect = match route {
+        _ if !host_ok(&request) => Some(super::ApiError::BadHost.into_response()),
         Some(_) => None,
-        None => super::clean_path::redirect_unclean(&request),
+        None => not_routed(&request),
     };
     let mut response = match redirect {
-        Some(redirect) => redirect,
+        Some(refused) => refused,
         None => next.run(request).await,
     };
     abandoned.armed = false;
