@@ -13,6 +13,9 @@ COPY benches ./benches
 # cargo auditable embeds the dependency list (crate names, versions, sources)
 # in a `.dep-v0` section, so image scanners can read what the binary was built
 # from; scripts/test builds the tested release binary the same way.
+# The commit reported by the git_short_commit series (cloudbuild.yaml passes
+# it; without it the series says "No commit specified", as Go's does).
+ARG GIT_SHORT_COMMIT=""
 RUN cargo install --locked --version 0.7.7 cargo-auditable \
     && cargo auditable build --release --locked \
     && install -m 0755 target/release/token-exchange /token-exchange

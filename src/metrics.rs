@@ -114,6 +114,45 @@ struct HotSeries {
     key_cache: [Bound<IntCounter>; CACHE_OUTCOMES.len()],
 }
 
+/// The short commit this binary was built from (`GIT_SHORT_COMMIT` at build
+/// time, as the Dockerfile passes it), or Go's placeholder.
+fn build_commit() -> &'static str {
+    option_env!("GIT_SHORT_COMMIT")
+        .filter(|c| !c.is_empty())
+        .unwrap_or("No commit specified")
+}
+
+/// The standard process series, with `process_cpu_seconds_total` in the
+/// kernel's clock ticks (hundredths of a second) rather than whole seconds
+/// as the crate reports it: a `rate()` over a minute of a lightly loaded
+/// replica is otherwise all steps.
+#[cfg(target_os = "linux")]
+struct ProcessMetrics(prometheus::process_collector::ProcessCollector);
+
+#[cfg(target_os = "linux")]
+impl prometheus::core::Collector for ProcessMetrics {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.0.collect();
+        let seconds = procfs::process::Process::myself()
+            .and_then(|p| p.stat())
+            .map(|stat| (stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64);
+        if let Ok(seconds) = seconds {
+            for family in families.iter_mut().filter(|f| f.name() == "process_cpu_seconds_total") {
+                for metric in family.mut_metric() {
+                    let mut counter = prometheus::proto::Counter::default();
+                    counter.set_value(seconds);
+                    metric.set_counter(counter);
+                }
+            }
+        }
+        families
+    }
+}
+
 fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric definition");
     registry.register(Box::new(g.clone())).expect("metric registered once");
@@ -158,8 +197,24 @@ impl Metrics {
         let registry = Registry::new();
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .register(Box::new(ProcessMetrics(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            )))
             .expect("process collector registered once");
+        // Go's prometheusx series, which M-Lab's dashboards read to tell
+        // which build runs where: the commit as its label and, read as
+        // hexadecimal, as its value (0 when it is not hexadecimal).
+        {
+            let commit = build_commit();
+            let g = prometheus::GaugeVec::new(
+                Opts::new("git_short_commit", "The git commit interpreted as a number."),
+                &["commit"],
+            )
+            .expect("valid metric definition");
+            g.with_label_values(&[commit])
+                .set(u64::from_str_radix(commit, 16).map_or(0.0, |n| n as f64));
+            registry.register(Box::new(g)).expect("metric registered once");
+        }
         let go = prometheus::DEFAULT_BUCKETS;
         let jwks_requests = IntCounter::new("tokenexchange_jwks_requests_total", "Total number of JWKS requests.")
             .expect("valid metric definition");

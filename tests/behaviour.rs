@@ -330,6 +330,33 @@ async fn jwks_over_the_wire(backend: Backend) {
     assert_eq!(health.text().await.unwrap(), "ok");
 }
 
+/// Series Go's metrics port has that dashboards read: the build's commit,
+/// and CPU time fine enough for a `rate()` over a minute (the process
+/// collector's own counter moved in whole seconds, so a server that used
+/// less than one showed 0).
+#[tokio::test]
+async fn the_build_commit_and_fine_grained_cpu_time_are_reported() {
+    let ws = Workspace::new("EdDSA");
+    let key = ws.integration_key("cpu", &[]);
+    let replica = support::Replica::start(&ws, &ws.store_flags, &[], &[]);
+    for _ in 0..20 {
+        assert_eq!(replica.status("integration", &key).await, 200);
+    }
+    let text = replica.scrape().await;
+    let cpu = series(&text, "process_cpu_seconds_total");
+    assert!(cpu > 0.0 && cpu < 60.0, "{cpu}");
+    let commit = text
+        .lines()
+        .find(|l| l.starts_with("git_short_commit{commit=\""))
+        .unwrap_or_else(|| panic!("no git_short_commit in {text}"));
+    let (label, value) = commit.rsplit_once(' ').unwrap();
+    let label = label
+        .trim_start_matches("git_short_commit{commit=\"")
+        .trim_end_matches("\"}");
+    let expected = u64::from_str_radix(label, 16).map_or(0.0, |n| n as f64);
+    assert_eq!(value.parse::<f64>().unwrap(), expected, "{commit}");
+}
+
 #[tokio::test]
 async fn shutdown_lets_an_in_flight_request_finish() {
     use std::sync::Arc;
