@@ -133,17 +133,24 @@ async fn every_hostile_request_gets_its_status_and_the_server_survives() {
             body_with_key(b"mlabk.cii_a\0.ki_b.secret"),
             400,
         ),
+        // Read as Go's decoder reads them (U+FFFD): a bad key, not a bad body.
         row(
             "invalid UTF-8 in key",
             INTEGRATION,
             body_with_key(b"mlabk.cii_a\xff.ki_b.secret"),
-            400,
+            401,
         ),
         row(
             "invalid UTF-8 autojoin key",
             AUTOJOIN,
             body_with_key(b"\xc3\x28\xa0\xa1"),
-            400,
+            401,
+        ),
+        row(
+            "lone surrogate escape in key",
+            INTEGRATION,
+            body_with_key(br"mlabk.cii_a.ki_b.\ud800"),
+            401,
         ),
         row("two dots", INTEGRATION, body_with_key(b"mlabk.cii_a.ki_b"), 401),
         row("four dots", INTEGRATION, body_with_key(b"mlabk.cii_a.ki_b.c.d"), 401),

@@ -90,7 +90,8 @@ pub enum DecodeError {
 /// refused (400) instead of silently taking the last one, so two parsers in
 /// a chain can never disagree about which key was sent.
 pub fn decode_token_request(body: &[u8]) -> Result<String, DecodeError> {
-    let mut values = serde_json::Deserializer::from_slice(body).into_iter::<Option<TokenRequest>>();
+    let body = as_go_reads_it(body);
+    let mut values = serde_json::Deserializer::from_slice(&body).into_iter::<Option<TokenRequest>>();
     match values.next() {
         None => Err(DecodeError::Empty),
         // Only the kind of error and its position: serde_json's own message
@@ -98,6 +99,52 @@ pub fn decode_token_request(body: &[u8]) -> Result<String, DecodeError> {
         Some(Err(e)) => Err(DecodeError::Json(crate::json::describe_error(&e))),
         Some(Ok(request)) => Ok(request.and_then(|r| r.api_key).unwrap_or_default()),
     }
+}
+
+/// The body as Go's JSON decoder reads it: invalid UTF-8 and UTF-16
+/// surrogate escapes without their other half (`\ud800`) each become
+/// U+FFFD, where serde_json would refuse the whole body. A key holding one
+/// is then an invalid key (401), as from Go, not an invalid body (400).
+fn as_go_reads_it(body: &[u8]) -> Cow<'_, [u8]> {
+    let text = match String::from_utf8_lossy(body) {
+        Cow::Borrowed(_) => Cow::Borrowed(body),
+        Cow::Owned(text) => Cow::Owned(text.into_bytes()),
+    };
+    if !text.windows(2).any(|w| w == b"\\u") {
+        return text;
+    }
+    let hex = |at: usize| -> Option<u16> {
+        let digits = text.get(at..at + 4)?;
+        u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let escape_at = |at: usize| text.get(at..at + 2) == Some(b"\\u".as_slice());
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] != b'\\' {
+            out.push(text[i]);
+            i += 1;
+            continue;
+        }
+        let unit = if escape_at(i) { hex(i + 2) } else { None };
+        match unit {
+            Some(0xD800..=0xDBFF) if escape_at(i + 6) && matches!(hex(i + 8), Some(0xDC00..=0xDFFF)) => {
+                out.extend_from_slice(&text[i..i + 12]);
+                i += 12;
+            }
+            Some(0xD800..=0xDFFF) => {
+                out.extend_from_slice(b"\\ufffd");
+                i += 6;
+            }
+            // Any other escape, whole (`\\` must not start another one).
+            _ => {
+                let end = (i + 2).min(text.len());
+                out.extend_from_slice(&text[i..end]);
+                i = end;
+            }
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// The body is already in memory: the limits middleware read it (and
@@ -185,7 +232,27 @@ mod tests {
         ] {
             assert!(matches!(ok(bad), Err(DecodeError::Json(_))), "{bad}");
         }
-        assert!(decode_token_request(b"{\"api_key\":\"\xff\"}").is_err());
+    }
+
+    #[test]
+    fn broken_text_in_a_key_is_read_as_go_reads_it() {
+        let ok = |b: &[u8]| decode_token_request(b);
+        // Invalid UTF-8 and lone surrogates: U+FFFD, as Go's decoder makes.
+        assert_eq!(ok(b"{\"api_key\":\"a\xffb\"}"), Ok("a\u{FFFD}b".into()));
+        assert_eq!(ok(br#"{"api_key":"a\ud800b"}"#), Ok("a\u{FFFD}b".into()));
+        assert_eq!(ok(br#"{"api_key":"\udc00"}"#), Ok("\u{FFFD}".into()));
+        assert_eq!(ok(br#"{"api_key":"\ud800\ud800"}"#), Ok("\u{FFFD}\u{FFFD}".into()));
+        assert!(
+            matches!(ok(br#"{"api_key":"\ud800"#), Err(DecodeError::Json(_))),
+            "unterminated"
+        );
+        // A pair is one character; an escaped backslash starts no escape.
+        assert_eq!(ok(br#"{"api_key":"\ud83d\ude00"}"#), Ok("\u{1F600}".into()));
+        assert_eq!(ok(br#"{"api_key":"\\ud800"}"#), Ok("\\ud800".into()));
+        assert_eq!(ok(br#"{"api_key":"\u00e9\n"}"#), Ok("\u{e9}\n".into()));
+        // Still not JSON: still 400.
+        assert!(matches!(ok(br#"{"api_key":"\uzzzz"}"#), Err(DecodeError::Json(_))));
+        assert!(matches!(ok(b"{\"api_key\":\xff}"), Err(DecodeError::Json(_))));
     }
 
     #[test]
