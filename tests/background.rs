@@ -33,11 +33,13 @@ async fn usage_counts_survive_a_locked_store_and_are_written_when_it_answers() {
     }
 
     let lock = lock_sqlite(&ws).await;
-    // The store answers, with an error: counts kept.
+    // The store answers, with an error: counts kept. (The lock shows as
+    // SQLite's "database is locked", or, when the pool had to open a
+    // connection, whose set-up waits on the lock too, as its time out.)
     let err = flush(&recorder, store.as_ref(), Duration::from_secs(5))
         .await
         .unwrap_err();
-    assert!(err.contains("locked"), "{err}");
+    assert!(err.contains("locked") || err.contains("pool timed out"), "{err}");
     // The store does not answer in time: counts kept.
     let err = flush(&recorder, store.as_ref(), Duration::from_millis(50))
         .await
