@@ -268,19 +268,24 @@ fn os_account() -> String {
 impl StoreArgs {
     /// The store's settings these flags describe, defaults applied.
     pub fn settings(&self) -> StoreSettings {
-        StoreSettings {
+        let mut settings = StoreSettings {
             url: self.store_url().to_owned(),
             project_id: self.project_id.clone(),
             platform_ns: self.platform_ns.clone(),
             client_integration_ns: self.client_integration_ns.clone(),
             own_ns: self.own_ns.clone(),
             timeout: self.store_timeout,
-            operator: operator(
-                self.store_url() == "datastore"
-                    && std::env::var_os("DATASTORE_EMULATOR_HOST").is_none_or(|h| h.is_empty()),
-            ),
+            operator: String::new(),
             max_connections: self.store_max_connections,
-        }
+        };
+        // Google credentials are in use only for Datastore itself, not its
+        // emulator; `locate` is what decides which store this is.
+        let google = matches!(
+            crate::store::locate(&settings),
+            Ok(crate::store::Location::Datastore { emulator: None, .. })
+        );
+        settings.operator = operator(google);
+        settings
     }
 }
 

@@ -142,6 +142,16 @@ mod tests {
         }
     }
 
+    fn cache_and_metrics() -> (Arc<KeyCache>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let cache = Arc::new(KeyCache::new(
+            CacheSettings::default(),
+            Arc::new(ManualClock::new()),
+            metrics.clone(),
+        ));
+        (cache, metrics)
+    }
+
     async fn cache_valid(cache: &KeyCache, key: &str) {
         let grant = Grant {
             principal: Principal::Autojoin { org: "org".into() },
@@ -156,12 +166,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_feed_is_retried_and_its_recovery_flushes_the_cache() {
-        let metrics = Arc::new(Metrics::new());
-        let cache = Arc::new(KeyCache::new(
-            CacheSettings::default(),
-            Arc::new(ManualClock::new()),
-            metrics.clone(),
-        ));
+        let (cache, metrics) = cache_and_metrics();
         cache_valid(&cache, "k1").await;
         cache_valid(&cache, "k2").await;
         let stamped = OffsetDateTime::now_utc() - time::Duration::seconds(2);
@@ -232,12 +237,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_feed_that_stops_answering_is_reported_and_its_return_flushes_the_cache() {
-        let metrics = Arc::new(Metrics::new());
-        let cache = Arc::new(KeyCache::new(
-            CacheSettings::default(),
-            Arc::new(ManualClock::new()),
-            metrics.clone(),
-        ));
+        let (cache, metrics) = cache_and_metrics();
         cache_valid(&cache, "k1").await;
         let follower = tokio::spawn(follow(Box::new(Stuck { calls: 0 }), cache.clone(), metrics.clone()));
         let started = tokio::time::Instant::now();
