@@ -1,10 +1,12 @@
-//! Redirects a request whose path is not clean (`//health`,
-//! `/v0//token/autojoin`, `/a/../health`) to its clean form, as Go's
-//! `http.ServeMux` does before it looks for a route. Without this, a path
-//! Go serves after one redirect would be a 404 here.
+//! Paths as Go's `http.ServeMux` reads them. It redirects a path that is
+//! not clean (`//health`, `/v0//token/autojoin`, `/a/../health`) to its
+//! clean form before it looks for a route, and it matches each segment
+//! unescaped (`/%68ealth` is `/health`). Without this, a path Go serves
+//! would be a 404 here.
 
 use axum::extract::Request;
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::uri::PathAndQuery;
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse as _, Response};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 
@@ -48,6 +50,48 @@ pub(super) fn redirect_unclean(request: &Request) -> Option<Response> {
         location.push_str(query);
     }
     Some(moved_permanently(request.method(), &location))
+}
+
+/// Gives a request whose path spells one of ours with escaped characters
+/// (`/%68ealth`, `/v0/token/%69ntegration`) that route's path, so the
+/// router, the log and the metrics all see the route. RFC 3986 makes an
+/// escaped unreserved character the same as the character, and Go's router
+/// agrees. An escaped slash stays inside its segment (`/%2Fhealth` is one
+/// segment, `/health`, and matches nothing), as in Go.
+pub(super) async fn route_by_unescaped_path(mut request: Request) -> Request {
+    let uri = request.uri();
+    if !uri.path().contains('%') {
+        return request;
+    }
+    let Some(route) = unescaped_route(uri.path()) else {
+        return request;
+    };
+    let target = match uri.query() {
+        Some(query) => format!("{route}?{query}"),
+        None => route.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    // A route and a query the request already carried: always valid.
+    parts.path_and_query = PathAndQuery::try_from(target).ok();
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+    request
+}
+
+/// The route whose segments are those of `path` once each is unescaped.
+fn unescaped_route(path: &str) -> Option<&'static str> {
+    super::observe::ROUTES.iter().copied().find(|route| {
+        let mut sent = path.split('/');
+        let mut wanted = route.split('/');
+        loop {
+            match (sent.next(), wanted.next()) {
+                (None, None) => return true,
+                (Some(sent), Some(wanted)) if percent_decode_str(sent).eq(wanted.bytes()) => {}
+                _ => return false,
+            }
+        }
+    })
 }
 
 /// Go's `http.Redirect` with 301: a small HTML body for GET, the content
@@ -141,6 +185,38 @@ mod tests {
         ] {
             assert_eq!(clean_path(path), clean, "{path:?}");
         }
+    }
+
+    #[test]
+    fn escaped_segments_name_a_route_only_when_each_unescapes_to_its_segment() {
+        for (path, route) in [
+            ("/%68ealth", Some("/health")),
+            ("/%68%65%61%6C%74%68", Some("/health")),
+            ("/v0/token/%69ntegration", Some("/v0/token/integration")),
+            ("/v0/token%2Fintegration", None),
+            ("/%2Ewell-known/jwks%2Ejson", Some("/.well-known/jwks.json")),
+            ("/%2Fhealth", None),
+            ("/health%2F", None),
+            ("/%68ealth/", None),
+            ("/x/%68ealth", None),
+            ("/%2E%2E/health", None),
+            ("/%zzhealth", None),
+            ("/", None),
+        ] {
+            assert_eq!(unescaped_route(path), route, "{path:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rewritten_target_keeps_its_query_and_an_unknown_one_is_left_alone() {
+        let rewrite = |target: &str| {
+            let request = Request::builder().uri(target).body(axum::body::Body::empty()).unwrap();
+            async { route_by_unescaped_path(request).await.uri().to_string() }
+        };
+        assert_eq!(rewrite("/%68ealth?a=%41").await, "/health?a=%41");
+        assert_eq!(rewrite("http://t/%68ealth").await, "http://t/health");
+        assert_eq!(rewrite("/%2Fhealth?x").await, "/%2Fhealth?x");
+        assert_eq!(rewrite("/health").await, "/health");
     }
 
     #[test]

@@ -162,7 +162,7 @@ pub fn router(state: AppState) -> Router {
     // method is answered before anything else, as Go's router does.
     let limits = axum::middleware::from_fn_with_state(state.clone(), limits::limits);
     let limited = |route: MethodRouter<Arc<AppState>>| route.route_layer(limits.clone());
-    Router::new()
+    let routes = Router::new()
         .route("/v0/token/autojoin", only(limited(post(token::autojoin)), ALLOW_POST))
         .route(
             "/v0/token/integration",
@@ -178,7 +178,12 @@ pub fn router(state: AppState) -> Router {
         // `observe` also redirects unclean paths (`//health`) before
         // routing, so they are not 404s, and logs and counts the redirect.
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe::observe))
-        .with_state(state)
+        .with_state(state);
+    // A Router's layers run after it has chosen the route, so the
+    // unescaping that chooses it wraps the whole router from outside.
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::map_request(clean_path::route_by_unescaped_path))
 }
 
 /// The metrics listener's one route, `/metrics`, in Prometheus' text format.

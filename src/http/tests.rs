@@ -459,6 +459,28 @@ async fn unclean_paths_are_redirected_as_go_redirects_them() {
 }
 
 #[tokio::test]
+async fn escaped_letters_reach_their_route_and_are_counted_under_it() {
+    let f = fixture(Algorithm::EdDsa);
+    for path in ["/%68ealth", "/%68%65alth?x=%2F"] {
+        let answer = call(&f.state, Method::GET, path, "").await;
+        assert_eq!(answer.status, StatusCode::OK, "{path}");
+        assert_eq!(answer.text(), "ok");
+    }
+    let jwks = call(&f.state, Method::GET, "/.well-known/jwks%2Ejson", "").await;
+    assert_eq!(jwks.status, StatusCode::OK);
+    let wrong = call(&f.state, Method::GET, "/v0/token/%61utojoin", "").await;
+    assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
+    let text = f.state.metrics.render();
+    assert_eq!(
+        series(
+            &text,
+            r#"tokenexchange_http_requests_total{code="200",method="get",route="/health"}"#
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
 async fn unknown_paths_are_404() {
     let f = fixture(Algorithm::EdDsa);
     let answer = call(&f.state, Method::GET, "/v0/token", "").await;
