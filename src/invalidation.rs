@@ -32,6 +32,9 @@ pub async fn follow(mut feed: Box<dyn ChangeFeed>, cache: Arc<KeyCache>, metrics
     // A read that did not answer may have lost changes that no later read
     // repeats: the next success then drops everything.
     let mut stalled = false;
+    // Until its first read, a feed has no position: a key cached before it
+    // was read may have changed in between, and no later read reports that.
+    let mut positioned = false;
     loop {
         let result = match tokio::time::timeout(STALL_BOUND, feed.next()).await {
             Ok(result) => result,
@@ -54,6 +57,14 @@ pub async fn follow(mut feed: Box<dyn ChangeFeed>, cache: Arc<KeyCache>, metrics
                 let now = feed.recoveries();
                 metrics.change_feed_recoveries.inc_by(now - recoveries);
                 recoveries = now;
+                if !std::mem::replace(&mut positioned, true)
+                    && !notices.iter().any(|n| n.what == Invalidation::Everything)
+                {
+                    // Not counted as a flush: that series tells of changes
+                    // that may have been missed while the feed was down.
+                    let dropped = cache.invalidate(&Invalidation::Everything);
+                    tracing::debug!(dropped, "dropped the keys cached before the change feed's first read");
+                }
                 if std::mem::take(&mut stalled) {
                     metrics.change_feed_recoveries.inc();
                     apply(&cache, &metrics, &ChangeNotice::everything());
@@ -211,6 +222,26 @@ mod tests {
             })
             .await;
         assert!(asked.load(std::sync::atomic::Ordering::SeqCst), "k1 was still cached");
+        follower.abort();
+    }
+
+    #[tokio::test]
+    async fn keys_cached_before_the_feeds_first_read_are_dropped_by_it() {
+        let (cache, metrics) = cache_and_metrics();
+        cache_valid(&cache, "early").await;
+        let answers: Script = Arc::new(Mutex::new(VecDeque::from([Ok(vec![ChangeNotice {
+            what: Invalidation::Organization { org: "nobody".into() },
+            at: None,
+        }])])));
+        let feed = Scripted { answers, recoveries: 0 };
+        let follower = tokio::spawn(follow(Box::new(feed), cache.clone(), metrics.clone()));
+        let started = Instant::now();
+        while metrics.invalidations_applied.get() < 1 {
+            assert!(started.elapsed() < Duration::from_secs(10), "changes not applied");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(cache.len().0, 0, "a key cached before the first read survived it");
+        assert_eq!(metrics.key_cache_flushes.get(), 0, "start-up is not an outage");
         follower.abort();
     }
 
