@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use arc_swap::ArcSwap;
 
 use crate::cache::KeyCache;
-use crate::http::{AppState, MAX_HEADER_BYTES, Settings, metrics_router, router};
+use crate::http::{Api, AppState, MAX_HEADER_BYTES, Settings, metrics_router};
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimits;
 use crate::signing::KeySet;
@@ -125,7 +125,7 @@ fn bind_dual_stack(port: u16) -> io::Result<TcpListener> {
 /// A bound, not yet running, server: the API and the metrics listener.
 pub struct Application {
     api: TcpListener,
-    api_router: Router,
+    api_router: Api<hyper::body::Incoming>,
     metrics: TcpListener,
     metrics_router: Router,
     header_read_timeout: Duration,
@@ -160,7 +160,7 @@ impl Application {
             header_read_timeout: state.settings.header_read_timeout,
             max_connections: state.settings.max_connections,
             metrics_router: metrics_router(state.metrics.clone()),
-            api_router: router(state),
+            api_router: crate::http::api(state),
             metrics,
         }
     }
@@ -220,12 +220,21 @@ impl Application {
 /// beyond [`MAX_HEADER_BYTES`]), and a cap on open connections, enforced
 /// before `accept` so the excess waits in the kernel's backlog instead of
 /// in our memory.
-async fn serve(
+async fn serve<S>(
     listener: TcpListener,
-    router: Router,
+    router: S,
     limits: ConnectionLimits,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+) where
+    S: tower::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 

@@ -163,7 +163,7 @@ async fn call(state: &AppState, method: Method, path: &str, body: impl Into<Body
         .header(header::HOST, "token-exchange.test")
         .body(body.into())
         .unwrap();
-    let response = router(state.clone()).oneshot(request).await.unwrap();
+    let response = api(state.clone()).oneshot(request).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
     let body = response.into_body().collect().await.unwrap().to_bytes().to_vec();
@@ -305,7 +305,7 @@ async fn content_type_is_not_required() {
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
         .body(Body::from(json!({ "api_key": f.active }).to_string()))
         .unwrap();
-    let response = router(f.state.clone()).oneshot(request).await.unwrap();
+    let response = api(f.state.clone()).oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 }
 
@@ -773,7 +773,7 @@ async fn request_ids_are_returned() {
         .header("x-request-id", "trace-42")
         .body(Body::empty())
         .unwrap();
-    let response = router(f.state.clone()).oneshot(request).await.unwrap();
+    let response = api(f.state.clone()).oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     assert_eq!(response.headers()["x-request-id"], "trace-42");
 }
@@ -1055,7 +1055,7 @@ async fn http_1_1_without_exactly_one_host_is_refused() {
     let f = fixture(Algorithm::EdDsa);
     let send = |request: Request<Body>| {
         let state = f.state.clone();
-        async move { router(state).oneshot(request).await.unwrap() }
+        async move { api(state).oneshot(request).await.unwrap() }
     };
     for (path, hosts) in [
         ("/v0/token/integration", 0),
