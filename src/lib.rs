@@ -19,6 +19,8 @@
 //!   runs until shutdown with bounded connections.
 //! - [`http`]: the router, one file per endpoint, the one place that maps
 //!   errors to status codes, and the one layer that logs and measures.
+//! - [`background`]: the follower, usage writer and key reloader under one
+//!   owner; one that ends stops the server.
 //! - [`rotation`]: reloading the signing keys on SIGHUP or file change.
 //! - [`rate_limit`]: limits on minting per key (by tier), integration and
 //!   organization (off unless configured).
@@ -35,6 +37,7 @@
 
 pub mod api_key;
 pub mod app;
+pub mod background;
 pub mod cache;
 pub mod claims;
 pub mod cli;

@@ -63,6 +63,7 @@ pub struct Metrics {
     pub change_feed_future_stamps: IntCounter,
     /// Times the whole cache was dropped (after a recovery, or a gap).
     pub key_cache_flushes: IntCounter,
+    pub background_task_exits: IntCounterVec,
     /// Exchanges refused by a rate limit, by the key's tier (`autojoin` for
     /// an organization's limit).
     pub rate_limited: IntCounterVec,
@@ -361,6 +362,12 @@ impl Metrics {
                 &registry,
                 "tokenexchange_change_feed_future_stamps_total",
                 "Changes received stamped more than 10 s ahead of this server's clock (the admin machine's clock is off).",
+            ),
+            background_task_exits: counter(
+                &registry,
+                "tokenexchange_background_task_exits_total",
+                "Background tasks (change-feed follower, usage writer, key reloader) that ended or panicked while the server ran; the server then stops and exits non-zero.",
+                &["task"],
             ),
             key_cache_flushes: int_counter(
                 &registry,

@@ -21,6 +21,11 @@ const MAX_PENDING: usize = 100_000;
 #[derive(Default)]
 pub struct UsageRecorder {
     pending: Mutex<HashMap<UsageKey, (OffsetDateTime, u64)>>,
+    /// Held by a flush from taking the counts to writing or restoring
+    /// them, so the last flush at shutdown waits for one in progress
+    /// instead of racing it (counts taken by a flush the process exits in
+    /// the middle of would be lost).
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl UsageRecorder {
@@ -86,6 +91,7 @@ pub async fn flush_every(recorder: Arc<UsageRecorder>, store: Arc<dyn Admin>, in
 
 /// Writes what was counted; on failure keeps it for the next flush.
 pub async fn flush(recorder: &UsageRecorder, store: &dyn Admin, timeout: Duration) -> Result<(), String> {
+    let _writing = recorder.writing.lock().await;
     let usage = recorder.take();
     if usage.is_empty() {
         return Ok(());

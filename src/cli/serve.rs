@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::app::{Application, ListenAddress, shutdown_signal};
+use crate::background::Background;
 use crate::config::{DEFAULT_PRIVATE_KEY_PATH, ServeArgs};
 use crate::http::AppState;
 use crate::rotation::{self, KeySource};
@@ -46,23 +47,30 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let feed = store.change_feed(args.changes_poll_interval);
     let usage_store: Arc<dyn store::Admin> = store.clone();
     let state = AppState::new(Arc::new(keys), store, args.settings());
-    tokio::spawn(crate::usage::flush_every(
-        state.usage.clone(),
-        usage_store.clone(),
-        args.usage_flush_interval.max(std::time::Duration::from_millis(100)),
-        args.store.store_timeout * 2,
-    ));
-    tokio::spawn(crate::invalidation::follow(
-        feed,
-        state.validator.cache().clone(),
-        state.metrics.clone(),
-    ));
-    tokio::spawn(rotation::watch(
-        source,
-        state.keys.clone(),
-        state.metrics.clone(),
-        args.key_reload_interval,
-    ));
+    let mut background = Background::new(state.metrics.clone());
+    background.spawn(
+        "change_feed_follower",
+        crate::invalidation::follow(feed, state.validator.cache().clone(), state.metrics.clone()),
+    );
+    background.spawn(
+        "key_reloader",
+        rotation::watch(
+            source,
+            state.keys.clone(),
+            state.metrics.clone(),
+            args.key_reload_interval,
+        ),
+    );
+    background.spawn(
+        "usage_writer",
+        crate::usage::flush_every(
+            state.usage.clone(),
+            usage_store.clone(),
+            args.usage_flush_interval.max(std::time::Duration::from_millis(100)),
+            args.store.store_timeout * 2,
+        ),
+    );
+    let stopper = background.stopper();
     let bind = |at: ListenAddress| async move { at.bind().await.with_context(|| format!("cannot listen on {at}")) };
     let api = bind(args.listen_addr()).await?;
     let metrics = bind(args.metrics_addr()).await?;
@@ -70,7 +78,16 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let app = Application::with_listeners(api, metrics, state);
     // Before saying where we listen: from then on, a stop signal must stop
     // the server gracefully.
-    let stop = shutdown_signal();
+    let signal = shutdown_signal();
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+    let stop = async move {
+        tokio::select! {
+            () = signal => {}
+            name = background.ended() => {
+                let _ = ended_tx.send(name);
+            }
+        }
+    };
     // One line that says what runs: an operator (or a test) reads here
     // which store and key this replica uses.
     tracing::info!(
@@ -86,9 +103,14 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         print_dev_instructions(app.port(), &demo);
     }
     app.run_until_stopped(stop).await?;
-    // What was counted since the last flush, so a restart loses no usage.
+    // What was counted since the last flush, so a restart loses no usage
+    // (after a flush in progress, if any); then the tasks stop.
     if let Err(e) = crate::usage::flush(&state_usage, usage_store.as_ref(), args.store.store_timeout * 2).await {
         tracing::warn!(error = %e, "could not write the last key usage before stopping");
+    }
+    stopper.stop();
+    if let Ok(task) = ended_rx.await {
+        anyhow::bail!("the background task {task} stopped, so the server did; exiting for a restart");
     }
     tracing::info!("stopped");
     Ok(())
