@@ -222,7 +222,7 @@ impl Metrics {
         registry
             .register(Box::new(jwks_requests.clone()))
             .expect("metric registered once");
-        Self {
+        let metrics = Self {
             autojoin_requests: counter(
                 &registry,
                 "tokenexchange_autojoin_requests_total",
@@ -377,7 +377,17 @@ impl Metrics {
             jwks_requests,
             registry,
             hot: HotSeries::default(),
+        };
+        // Series with a known, small set of labels exist from the start, at
+        // 0: a rate over a series that appears with its first event misses
+        // that event, and "none yet" must not look like a renamed metric.
+        for result in ["success", "failure"] {
+            metrics.key_reloads.with_label_values(&[result]);
         }
+        for result in ["hit", "miss", "negative_hit", "stale", "coalesced"] {
+            metrics.key_cache.with_label_values(&[result]);
+        }
+        metrics
     }
 
     /// Counts a request in `http_requests`. `route` is the index of `path`

@@ -19,6 +19,16 @@ pub struct Instrumented {
 
 impl Instrumented {
     pub fn new(inner: Arc<dyn Lookups>, metrics: Arc<Metrics>, health: Arc<StoreHealth>) -> Self {
+        // Every outcome is a series from the start, at 0: a rate over a
+        // series that appears with its first error misses that error, and
+        // an alert on it cannot tell "none yet" from a renamed metric.
+        for kind in ["integration", "autojoin"] {
+            for outcome in ["found", "not_found", "error"] {
+                metrics
+                    .store_lookups
+                    .with_label_values(&[inner.backend(), kind, outcome]);
+            }
+        }
         Self { inner, metrics, health }
     }
 

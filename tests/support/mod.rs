@@ -483,11 +483,13 @@ impl TestApp {
     }
 }
 
-/// The value of one series in the metrics text, or 0 if absent.
+/// The value of one series in the metrics text; a series that is not there
+/// fails the test (a renamed metric must not read as 0).
 pub fn series(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.parse().unwrap())
+        .map(|v| v.parse().unwrap())
+        .unwrap_or_else(|| panic!("no series {name_and_labels}"))
 }
 
 /// The API and metrics addresses from the server's "listening" log line,
