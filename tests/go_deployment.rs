@@ -100,7 +100,7 @@ fn without_credentials_the_server_does_not_start() {
 #[tokio::test]
 async fn with_go_s_environment_it_serves_datastore_keys() {
     if std::env::var_os("DATASTORE_EMULATOR_HOST").is_none() {
-        eprintln!("SKIPPED: DATASTORE_EMULATOR_HOST is not set (scripts/test starts the emulator)");
+        support::not_here("DATASTORE_EMULATOR_HOST", "scripts/test starts the emulator");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

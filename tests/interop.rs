@@ -21,7 +21,7 @@ use support::{Workspace, settings, spawn_app, spawn_app_full};
 fn python() -> Option<String> {
     let python = std::env::var("INTEROP_PYTHON").ok();
     if python.is_none() {
-        eprintln!("SKIPPED: INTEROP_PYTHON is not set (scripts/test installs the verifiers)");
+        support::not_here("INTEROP_PYTHON", "scripts/test installs the verifiers");
     }
     python
 }

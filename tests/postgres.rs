@@ -95,7 +95,7 @@ async fn two_replicas_share_one_database() {
 #[test]
 fn migrate_creates_the_schema_and_is_idempotent() {
     let Ok(admin) = std::env::var("TEST_DATABASE_URL") else {
-        eprintln!("SKIPPED: TEST_DATABASE_URL is not set (scripts/test starts PostgreSQL)");
+        support::not_here("TEST_DATABASE_URL", "scripts/test starts PostgreSQL");
         return;
     };
     let url = support::fresh_postgres_database(&admin);

@@ -55,11 +55,11 @@ fn fresh_root(base: &Path) -> tempfile::TempDir {
 #[tokio::test]
 async fn the_release_binary_serves_in_the_runtime_base() {
     let Some(base) = std::env::var_os("RUNTIME_ROOTFS").map(PathBuf::from) else {
-        eprintln!("SKIPPED: RUNTIME_ROOTFS is not set (scripts/test builds it with scripts/runtime-rootfs)");
+        support::not_here("RUNTIME_ROOTFS", "scripts/test builds it with scripts/runtime-rootfs");
         return;
     };
     let Some(emulator) = std::env::var_os("DATASTORE_EMULATOR_HOST") else {
-        eprintln!("SKIPPED: DATASTORE_EMULATOR_HOST is not set (scripts/test starts the emulator)");
+        support::not_here("DATASTORE_EMULATOR_HOST", "scripts/test starts the emulator");
         return;
     };
     let emulator = emulator.to_str().unwrap().to_owned();
@@ -130,7 +130,10 @@ async fn the_release_binary_serves_in_the_runtime_base() {
 #[test]
 fn the_release_binary_embeds_its_dependency_list() {
     if std::env::var_os("RUNTIME_ROOTFS").is_none() {
-        eprintln!("SKIPPED: RUNTIME_ROOTFS is not set (scripts/test builds the release binary with cargo auditable)");
+        support::not_here(
+            "RUNTIME_ROOTFS",
+            "scripts/test builds the release binary with cargo auditable",
+        );
         return;
     }
     let binary = release_binary();

@@ -20,6 +20,8 @@
 #     cargo-llvm-cov) and Debian's llvm-19, which reads the coverage profiles
 #     (this toolchain has no llvm-tools component).
 # Set SKIP_EMULATOR=1 or SKIP_POSTGRES=1 to run without one (its tests then skip).
+# Everything else it prepares is required: REQUIRE_SERVICES lists it, and a
+# test that finds one missing fails rather than skipping.
 
 log() { printf '== %s\n' "$*"; }
 
@@ -218,6 +220,14 @@ prepare_test_environment() {
     # Nothing may reach Google's metadata server: a credential lookup in any
     # test fails at once on this closed loopback port (tests set it too).
     export GCE_METADATA_HOST=127.0.0.1:1
+
+    # What was started here must be used: a test that finds one of these
+    # unset fails instead of skipping (tests/support: not_here).
+    local required=INTEROP_PYTHON
+    [[ -n "${RUNTIME_ROOTFS:-}" ]] && required+=,RUNTIME_ROOTFS
+    [[ "${SKIP_EMULATOR:-}" != 1 ]] && required+=,DATASTORE_EMULATOR_HOST
+    [[ "${SKIP_POSTGRES:-}" != 1 ]] && required+=,TEST_DATABASE_URL
+    export REQUIRE_SERVICES="$required"
 }
 
 # openapi.yaml against a live `serve --dev` (the release binary), with

@@ -168,7 +168,7 @@ impl Workspace {
             },
             Backend::Postgres => {
                 let Ok(admin) = std::env::var("TEST_DATABASE_URL") else {
-                    eprintln!("SKIPPED: TEST_DATABASE_URL is not set (scripts/test starts PostgreSQL)");
+                    not_here("TEST_DATABASE_URL", "scripts/test starts PostgreSQL");
                     return None;
                 };
                 StoreArgs {
@@ -183,7 +183,7 @@ impl Workspace {
             }
             Backend::Datastore => {
                 if std::env::var_os("DATASTORE_EMULATOR_HOST").is_none() {
-                    eprintln!("SKIPPED: DATASTORE_EMULATOR_HOST is not set (scripts/test starts the emulator)");
+                    not_here("DATASTORE_EMULATOR_HOST", "scripts/test starts the emulator");
                     return None;
                 }
                 StoreArgs {
@@ -481,6 +481,20 @@ impl TestApp {
             .await
             .unwrap()
     }
+}
+
+/// Says that a test cannot run here because `var` is not set (`how` says
+/// what sets it), so the caller returns early. When the run must have it,
+/// it is a failure instead: `REQUIRE_SERVICES` lists the variables that
+/// must be set (scripts/test lists what it started), and with `CI=true`
+/// and no list, all of them are required.
+pub fn not_here(var: &str, how: &str) {
+    let required = match std::env::var("REQUIRE_SERVICES") {
+        Ok(list) => list.split(',').any(|v| v.trim() == var),
+        Err(_) => std::env::var("CI").is_ok_and(|ci| ci == "true"),
+    };
+    assert!(!required, "{var} is not set, and this run requires it ({how})");
+    eprintln!("SKIPPED: {var} is not set ({how})");
 }
 
 /// The value of one series in the metrics text; a series that is not there
