@@ -26,24 +26,9 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_token-exchange");
 /// The project every Datastore test uses; tests are kept apart by namespace.
 pub const TEST_PROJECT: &str = "token-exchange-test";
 
-/// Settings a developer's shell might export that would change what the
-/// binary does under test. `DATASTORE_EMULATOR_HOST` is kept on purpose.
-const ENV_SETTINGS: &[&str] = &[
-    "STORE",
-    "PORT",
-    "PRIVATE_KEY_PATH",
-    "PROJECT_ID",
-    "PLATFORM_NS",
-    "CLIENT_INTEGRATION_NS",
-    "STORE_TIMEOUT",
-    "METRICS_PORT",
-    "PROMETHEUSX_LISTEN_ADDRESS",
-    "LOG_FORMAT",
-    "LOG_LEVEL",
-    "DEV",
-    "DATA_DIR",
-    "RUST_LOG",
-];
+/// What the binary reads from the environment but tests leave as the
+/// run has it: the emulator scripts/test started, and HOME.
+const KEPT_ENVIRONMENT: &[&str] = &["DATASTORE_EMULATOR_HOST", "HOME"];
 
 /// Where the metadata server is said to be in tests: a loopback port no one
 /// listens on, so a credential lookup fails at once and never leaves the
@@ -53,8 +38,13 @@ pub const CLOSED_METADATA_HOST: &str = "127.0.0.1:1";
 /// The binary with a clean environment of settings.
 pub fn command() -> Command {
     let mut cmd = Command::new(BIN);
-    for name in ENV_SETTINGS {
-        cmd.env_remove(name);
+    // Every variable the binary reads (taken from its own flags, so none
+    // can be forgotten), so an exported KEY_CACHE_TTL or STORE in a
+    // developer's shell cannot change what a test runs.
+    for name in token_exchange::config::environment_variables() {
+        if !KEPT_ENVIRONMENT.contains(&name.as_str()) {
+            cmd.env_remove(name);
+        }
     }
     cmd.env("GCE_METADATA_HOST", CLOSED_METADATA_HOST);
     cmd
