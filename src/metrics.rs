@@ -384,7 +384,7 @@ impl Metrics {
         for result in ["success", "failure"] {
             metrics.key_reloads.with_label_values(&[result]);
         }
-        for result in ["hit", "miss", "negative_hit", "stale", "coalesced"] {
+        for result in CACHE_OUTCOMES {
             metrics.key_cache.with_label_values(&[result]);
         }
         metrics
