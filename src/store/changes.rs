@@ -138,6 +138,166 @@ impl Recovery {
     }
 }
 
+/// Where a change log stands: a change's sequence number, and a tag (its
+/// commit time in SQLite, a random token in Datastore) that tells it apart
+/// from a change with the same number in another copy of the database, such
+/// as one restored from a backup. Sequence 0: no change yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    pub seq: i64,
+    pub tag: String,
+}
+
+/// One change as a log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logged {
+    pub position: Position,
+    pub notice: ChangeNotice,
+}
+
+/// A store's log of published changes, numbered densely in commit order,
+/// which [`PollingFeed`] reads.
+#[async_trait]
+pub trait ChangeLog: Send + Sync {
+    /// The newest change's position.
+    async fn newest(&self) -> Result<Position, StoreError>;
+
+    /// The changes numbered `from` or more, oldest first: at most `limit`,
+    /// possibly fewer even when more follow.
+    async fn read_from(&self, from: i64, limit: usize) -> Result<Vec<Logged>, StoreError>;
+}
+
+/// Changes asked for per read.
+const CHANGES_PER_PAGE: usize = 500;
+/// Reads in one poll at most; a feed further behind goes on from there
+/// with the next poll.
+const PAGES_PER_POLL: usize = 20;
+
+/// Follows a [`ChangeLog`] by polling it: each poll reads the newest
+/// position, then the changes past the last one seen by their number, so
+/// nothing depends on the clocks of the machines that wrote them. Whatever
+/// shows that changes were missed (the last one read is gone or replaced,
+/// numbers skipped, the log went back) is reported as
+/// [`Invalidation::Everything`] rather than skipped.
+pub struct PollingFeed<L> {
+    log: L,
+    interval: std::time::Duration,
+    /// The last change seen; `None` until the first read.
+    last: Option<Position>,
+    /// Whether `last` was read as a change, so it must still be there: a
+    /// position taken from the newest one alone (at the start, or after
+    /// losing track) may name a change the log does not hold.
+    last_read: bool,
+    recovery: Recovery,
+}
+
+impl<L: ChangeLog> PollingFeed<L> {
+    pub fn new(log: L, interval: std::time::Duration) -> Self {
+        Self {
+            log,
+            interval,
+            last: None,
+            last_read: false,
+            recovery: Recovery::default(),
+        }
+    }
+
+    /// Gives up the position: the changes between it and `newest` cannot be
+    /// known, so the whole cache goes.
+    fn lost_track(&mut self, newest: Position, why: &str) -> Vec<ChangeNotice> {
+        tracing::warn!(
+            last_seq = self.last.as_ref().map_or(0, |l| l.seq),
+            head_seq = newest.seq,
+            "{why}: dropping the whole cache"
+        );
+        self.last = Some(newest);
+        self.last_read = false;
+        vec![ChangeNotice::everything()]
+    }
+
+    async fn poll(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
+        let newest = self.log.newest().await?;
+        let Some(last) = self.last.clone() else {
+            // Start at the newest change: the cache is empty, nothing older matters.
+            self.last = Some(newest);
+            return Ok(Vec::new());
+        };
+        if newest == last {
+            return Ok(Vec::new());
+        }
+        if newest.seq <= last.seq {
+            return Ok(self.lost_track(
+                newest,
+                "the change log went back (the database was restored from a backup, emptied or replaced)",
+            ));
+        }
+        let mut notices = Vec::new();
+        let mut position = last.clone();
+        // The last change read must still be there as it was: if it is
+        // not, the database was restored from an older copy or replaced
+        // (or the log pruned past us), and what changed is not known.
+        let mut checked = last.seq == 0;
+        let mut pages = 0;
+        while position.seq < newest.seq && pages < PAGES_PER_POLL {
+            pages += 1;
+            let page = self.log.read_from(position.seq, CHANGES_PER_PAGE).await?;
+            let before = position.seq;
+            for logged in page {
+                if !checked {
+                    checked = true;
+                    if logged.position == last {
+                        continue;
+                    }
+                    if logged.position.seq == last.seq {
+                        return Ok(self.lost_track(newest, "the change last read was replaced (a restored database)"));
+                    }
+                    if self.last_read {
+                        return Ok(self.lost_track(
+                            newest,
+                            "the change last read is gone (restored from an older copy, replaced, or pruned past \
+                             this server)",
+                        ));
+                    }
+                }
+                if logged.position.seq <= position.seq {
+                    continue;
+                }
+                if logged.position.seq != position.seq + 1 {
+                    // Numbers missing in between: changes were missed.
+                    notices.push(ChangeNotice::everything());
+                }
+                position = logged.position;
+                notices.push(logged.notice);
+            }
+            if position.seq == before {
+                // The newest position announces changes the log did not
+                // return: rather than stand still (and ask again forever),
+                // give them up.
+                notices.extend(self.lost_track(newest, "changes the log's newest position announces cannot be read"));
+                return Ok(notices);
+            }
+        }
+        self.last_read |= position != last;
+        self.last = Some(position);
+        Ok(notices)
+    }
+}
+
+#[async_trait]
+impl<L: ChangeLog> ChangeFeed for PollingFeed<L> {
+    async fn next(&mut self) -> Result<Vec<ChangeNotice>, StoreError> {
+        if self.last.is_some() {
+            tokio::time::sleep(self.interval).await;
+        }
+        let result = self.poll().await;
+        self.recovery.observe(result)
+    }
+
+    fn recoveries(&self) -> u64 {
+        self.recovery.count()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,8 @@ pub mod changes;
 pub mod datastore;
 mod health;
 mod instrumented;
+pub mod memory;
+pub mod rules;
 mod sql;
 
 use std::path::PathBuf;
@@ -25,6 +27,7 @@ pub use bounded::Bounded;
 pub use datastore::{DatastoreConfig, DatastoreStore};
 pub use health::{FRESHNESS, PROBE_INTERVAL, ReadinessWindows, StoreHealth};
 pub use instrumented::Instrumented;
+pub use memory::MemoryStore;
 pub use sql::{DEFAULT_PG_CONNECTIONS, SqlStore};
 
 /// What the store knows about one integration key. The secret itself is
@@ -65,24 +68,6 @@ pub struct NewIntegrationKey {
     pub expires_at: Option<OffsetDateTime>,
     /// The key ID this one replaces (`key rotate`), for the audit log.
     pub replaces: Option<String>,
-}
-
-impl NewIntegrationKey {
-    /// The audit record of creating this key (`integration create`, or
-    /// `key rotate` naming the key it replaces), given its expiry as stored.
-    pub fn audit_record(&self, operator: &str, expires_at: Option<&str>) -> AuditRecord {
-        let mut after = key_state(STATUS_ACTIVE, self.tier, expires_at);
-        let action = match &self.replaces {
-            Some(old) => {
-                after["replaces"] = serde_json::Value::String(old.clone());
-                "key rotate"
-            }
-            None => "integration create",
-        };
-        AuditRecord::new(operator, action)
-            .key(&self.integration_id, &self.key_id)
-            .change(None, Some(after))
-    }
 }
 
 /// Failures of a store operation. Only [`StoreError::Unavailable`] and
@@ -339,16 +324,6 @@ impl AuditRecord {
     }
 }
 
-/// The audited values of an integration key.
-pub fn key_state(status: &str, tier: i64, expires_at: Option<&str>) -> serde_json::Value {
-    serde_json::json!({ "status": status, "tier": tier, "expires_at": expires_at })
-}
-
-/// The audited values of an autojoin key.
-pub fn autojoin_key_state(expires_at: Option<&str>) -> serde_json::Value {
-    serde_json::json!({ "expires_at": expires_at })
-}
-
 /// RFC 3339 text of an instant, as the stores keep and print it.
 pub fn rfc3339(t: OffsetDateTime) -> String {
     // RFC 3339 formatting fails only outside years 0..=9999, which no
@@ -402,26 +377,6 @@ pub struct AutojoinKeyInfo {
 
 /// Status of a key that may no longer be exchanged.
 pub const STATUS_REVOKED: &str = "revoked";
-
-pub(crate) fn key_not_found(integration_id: &str, key_id: &str) -> StoreError {
-    StoreError::NotFound(format!("key {key_id} of integration {integration_id}"))
-}
-
-/// Shortest fingerprint prefix accepted for a deletion: fewer hex digits
-/// would make picking the wrong key too easy.
-pub const MIN_FINGERPRINT_LEN: usize = 8;
-
-pub(crate) fn check_fingerprint(fingerprint: &str) -> Result<(), StoreError> {
-    let hex = fingerprint
-        .bytes()
-        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if !hex || fingerprint.len() < MIN_FINGERPRINT_LEN || fingerprint.len() > 64 {
-        return Err(StoreError::Config(format!(
-            "a fingerprint is {MIN_FINGERPRINT_LEN} to 64 lowercase hex digits, as `autojoin list-keys` shows them"
-        )));
-    }
-    Ok(())
-}
 
 /// What a backend says about itself, for metrics and readiness.
 #[async_trait]

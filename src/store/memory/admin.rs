@@ -1,0 +1,310 @@
+//! The admin writes and reads, each a few map operations under the lock:
+//! the rulebook decides, this file only keeps.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use super::{AutojoinKey, Integration, IntegrationKey, MemoryStore, Org, Usage};
+use crate::api_key::{AutojoinApiKey, fingerprint_of_hash};
+use crate::store::changes::{ChangeFeed, PollingFeed};
+use crate::store::rules::{self, AutojoinChange, KeyValues};
+use crate::store::{
+    Admin, AuditFilter, AuditRecord, AutojoinKeyInfo, IntegrationInfo, KeyChange, KeyInfo, KeyUsage, NewIntegrationKey,
+    OrgInfo, STATUS_ACTIVE, StoreError, UsageKey, rfc3339,
+};
+
+fn used_text(usage: &Usage) -> Option<String> {
+    usage.last_used_at.map(rules::expiry_text)
+}
+
+fn key_info(key_id: &str, k: &IntegrationKey) -> KeyInfo {
+    KeyInfo {
+        key_id: key_id.to_owned(),
+        status: k.status.clone(),
+        tier: k.tier,
+        created_at: k.created_at.clone(),
+        description: k.description.clone(),
+        expires_at: k.expires_at.clone(),
+        last_used_at: used_text(&k.usage),
+        tokens_issued: k.usage.tokens,
+    }
+}
+
+fn values(k: &IntegrationKey) -> KeyValues {
+    KeyValues {
+        status: k.status.clone(),
+        tier: k.tier,
+        expires_at: k.expires_at.clone(),
+    }
+}
+
+impl MemoryStore {
+    fn change_autojoin_key(&self, org: &str, fingerprint: &str, change: AutojoinChange) -> Result<(), StoreError> {
+        let mut state = self.state()?;
+        let keys = &state.orgs.get(org).ok_or_else(|| rules::org_not_found(org))?.keys;
+        let hash = rules::pick_by_fingerprint(org, fingerprint, keys.keys(), |h| h.as_str())?.clone();
+        let before = keys[&hash].expires_at.clone();
+        let (after, effects) = rules::change_autojoin_key(&self.operator, org, &hash, before.as_deref(), change);
+        let keys = &mut state.orgs.get_mut(org).ok_or_else(|| rules::org_not_found(org))?.keys;
+        match after {
+            None => {
+                keys.remove(&hash);
+            }
+            Some(expires_at) => {
+                if let Some(k) = keys.get_mut(&hash) {
+                    k.expires_at = expires_at;
+                }
+            }
+        }
+        state.apply(effects);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Admin for MemoryStore {
+    fn change_feed(&self, interval: Duration) -> Box<dyn ChangeFeed> {
+        Box::new(PollingFeed::new(self.clone(), interval))
+    }
+
+    async fn create_integration_key(&self, key: &NewIntegrationKey) -> Result<bool, StoreError> {
+        let mut state = self.state()?;
+        let created = !state.integrations.contains_key(&key.integration_id);
+        let integration = state
+            .integrations
+            .entry(key.integration_id.clone())
+            .or_insert_with(|| Integration {
+                description: key.integration_description.clone(),
+                created_at: rfc3339(key.created_at),
+                keys: BTreeMap::new(),
+            });
+        if integration.keys.contains_key(&key.key_id) {
+            if created {
+                state.integrations.remove(&key.integration_id);
+            }
+            return Err(rules::key_exists(&key.integration_id, &key.key_id));
+        }
+        integration.keys.insert(
+            key.key_id.clone(),
+            IntegrationKey {
+                hash: key.key_hash.clone(),
+                status: STATUS_ACTIVE.to_owned(),
+                tier: key.tier,
+                description: key.key_description.clone(),
+                created_at: rfc3339(key.created_at),
+                expires_at: key.expires_at.map(rules::expiry_text),
+                usage: Usage::default(),
+            },
+        );
+        state.apply(rules::create_integration_key(&self.operator, key));
+        Ok(created)
+    }
+
+    async fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.state()?.integrations.is_empty())
+    }
+
+    async fn create_org(&self, name: &str, email: &str, now: OffsetDateTime) -> Result<(), StoreError> {
+        let mut state = self.state()?;
+        if state.orgs.contains_key(name) {
+            return Err(rules::org_exists(name));
+        }
+        state.orgs.insert(
+            name.to_owned(),
+            Org {
+                email: email.to_owned(),
+                created_at: rfc3339(now),
+                keys: BTreeMap::new(),
+            },
+        );
+        state.apply(rules::create_org(&self.operator, name, email));
+        Ok(())
+    }
+
+    async fn create_autojoin_key(
+        &self,
+        org: &str,
+        key: &AutojoinApiKey,
+        now: OffsetDateTime,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<(), StoreError> {
+        let hash = key.secret().sha256_hex();
+        let mut state = self.state()?;
+        if state.orgs.values().any(|o| o.keys.contains_key(&hash)) {
+            return Err(rules::autojoin_key_exists());
+        }
+        let keys = &mut state.orgs.get_mut(org).ok_or_else(|| rules::org_not_found(org))?.keys;
+        keys.insert(
+            hash.clone(),
+            AutojoinKey {
+                created_at: rfc3339(now),
+                expires_at: expires_at.map(rules::expiry_text),
+                usage: Usage::default(),
+            },
+        );
+        state.apply(rules::create_autojoin_key(&self.operator, org, &hash, expires_at));
+        Ok(())
+    }
+
+    async fn set_autojoin_expiry(
+        &self,
+        org: &str,
+        fingerprint: &str,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<(), StoreError> {
+        self.change_autojoin_key(org, fingerprint, AutojoinChange::Expiry(expires_at))
+    }
+
+    async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
+        let mut state = self.state()?;
+        for u in usage {
+            let found = match &u.key {
+                UsageKey::Integration { integration_id, key_id } => state
+                    .integrations
+                    .get_mut(integration_id)
+                    .and_then(|i| i.keys.get_mut(key_id))
+                    .map(|k| &mut k.usage),
+                UsageKey::Autojoin { key_hash } => state
+                    .orgs
+                    .values_mut()
+                    .find_map(|o| o.keys.get_mut(key_hash))
+                    .map(|k| &mut k.usage),
+            };
+            if let Some(usage) = found {
+                (usage.tokens, usage.last_used_at) =
+                    rules::add_usage(usage.tokens, usage.last_used_at, u.tokens, u.last_used_at);
+            }
+        }
+        Ok(())
+    }
+
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        let state = self.state()?;
+        Ok(state.audit.iter().filter(|r| filter.matches(r)).cloned().collect())
+    }
+
+    async fn list_integrations(&self) -> Result<Vec<IntegrationInfo>, StoreError> {
+        let state = self.state()?;
+        Ok(state
+            .integrations
+            .iter()
+            .map(|(id, i)| IntegrationInfo {
+                integration_id: id.clone(),
+                description: i.description.clone(),
+                created_at: i.created_at.clone(),
+            })
+            .collect())
+    }
+
+    async fn list_integration_keys(&self, integration_id: &str) -> Result<Vec<KeyInfo>, StoreError> {
+        let state = self.state()?;
+        let integration = state
+            .integrations
+            .get(integration_id)
+            .ok_or_else(|| rules::integration_not_found(integration_id))?;
+        Ok(integration.keys.iter().map(|(id, k)| key_info(id, k)).collect())
+    }
+
+    async fn get_integration_key(&self, integration_id: &str, key_id: &str) -> Result<KeyInfo, StoreError> {
+        let state = self.state()?;
+        state
+            .integrations
+            .get(integration_id)
+            .and_then(|i| i.keys.get(key_id))
+            .map(|k| key_info(key_id, k))
+            .ok_or_else(|| rules::key_not_found(integration_id, key_id))
+    }
+
+    async fn delete_integration(&self, integration_id: &str) -> Result<usize, StoreError> {
+        let mut state = self.state()?;
+        let removed = state
+            .integrations
+            .remove(integration_id)
+            .ok_or_else(|| rules::integration_not_found(integration_id))?;
+        let keys = removed.keys.len();
+        state.apply(rules::delete_integration(&self.operator, integration_id, keys));
+        Ok(keys)
+    }
+
+    async fn update_integration_key(
+        &self,
+        integration_id: &str,
+        key_id: &str,
+        change: KeyChange,
+    ) -> Result<(), StoreError> {
+        let mut state = self.state()?;
+        let key = state
+            .integrations
+            .get_mut(integration_id)
+            .and_then(|i| i.keys.get_mut(key_id))
+            .ok_or_else(|| rules::key_not_found(integration_id, key_id))?;
+        let (after, effects) =
+            rules::change_integration_key(&self.operator, integration_id, key_id, &values(key), &change);
+        (key.status, key.tier, key.expires_at) = (after.status, after.tier, after.expires_at);
+        state.apply(effects);
+        Ok(())
+    }
+
+    async fn delete_integration_key(&self, integration_id: &str, key_id: &str) -> Result<(), StoreError> {
+        let mut state = self.state()?;
+        let key = state
+            .integrations
+            .get_mut(integration_id)
+            .and_then(|i| i.keys.remove(key_id))
+            .ok_or_else(|| rules::key_not_found(integration_id, key_id))?;
+        state.apply(rules::delete_integration_key(
+            &self.operator,
+            integration_id,
+            key_id,
+            &values(&key),
+        ));
+        Ok(())
+    }
+
+    async fn list_orgs(&self) -> Result<Vec<OrgInfo>, StoreError> {
+        let state = self.state()?;
+        Ok(state
+            .orgs
+            .iter()
+            .map(|(name, o)| OrgInfo {
+                org: name.clone(),
+                email: o.email.clone(),
+                created_at: o.created_at.clone(),
+                probability_multiplier: Some(1.0),
+            })
+            .collect())
+    }
+
+    async fn list_autojoin_keys(&self, org: &str) -> Result<Vec<AutojoinKeyInfo>, StoreError> {
+        let state = self.state()?;
+        let o = state.orgs.get(org).ok_or_else(|| rules::org_not_found(org))?;
+        let mut keys: Vec<AutojoinKeyInfo> = o
+            .keys
+            .iter()
+            .map(|(hash, k)| AutojoinKeyInfo {
+                fingerprint: fingerprint_of_hash(hash),
+                created_at: k.created_at.clone(),
+                expires_at: k.expires_at.clone(),
+                last_used_at: used_text(&k.usage),
+                tokens_issued: k.usage.tokens,
+            })
+            .collect();
+        keys.sort_by(|a, b| (&a.created_at, &a.fingerprint).cmp(&(&b.created_at, &b.fingerprint)));
+        Ok(keys)
+    }
+
+    async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError> {
+        self.change_autojoin_key(org, fingerprint, AutojoinChange::Delete)
+    }
+
+    async fn delete_org(&self, org: &str) -> Result<usize, StoreError> {
+        let mut state = self.state()?;
+        let removed = state.orgs.remove(org).ok_or_else(|| rules::org_not_found(org))?;
+        let keys = removed.keys.len();
+        state.apply(rules::delete_org(&self.operator, org, keys));
+        Ok(keys)
+    }
+}
