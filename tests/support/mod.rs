@@ -8,6 +8,7 @@ pub mod emulator;
 pub mod postgres;
 pub mod process;
 pub mod seed;
+pub mod services;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,6 +21,8 @@ use token_exchange::app::Application;
 use token_exchange::config::StoreArgs;
 use token_exchange::http::{AppState, ReadinessWindows, Settings};
 use token_exchange::signing::{KeySet, SigningKey};
+
+pub use services::{fresh_postgres_database, not_here, unique};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_token-exchange");
 
@@ -90,39 +93,6 @@ impl Backend {
             Backend::Postgres => "postgres",
         }
     }
-}
-
-/// A fresh, empty database on the PostgreSQL server of `TEST_DATABASE_URL`
-/// (an administrator's URL); returns its URL.
-pub fn fresh_postgres_database(admin_url: &str) -> String {
-    let name = unique("tx").replace('-', "_");
-    let out = Command::new("psql")
-        .args([
-            admin_url,
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-q",
-            "-c",
-            &format!("CREATE DATABASE {name}"),
-        ])
-        .output()
-        .expect("run psql");
-    assert!(
-        out.status.success(),
-        "CREATE DATABASE failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut url = url::Url::parse(admin_url).unwrap();
-    url.set_path(&format!("/{name}"));
-    url.to_string()
-}
-
-/// A unique suffix, so tests sharing an emulator never see each other.
-pub fn unique(prefix: &str) -> String {
-    let mut bytes = [0u8; 6];
-    aws_lc_rs::rand::fill(&mut bytes).unwrap();
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}-{hex}")
 }
 
 /// A temporary folder with a signing key, and a store of one backend.
@@ -471,20 +441,6 @@ impl TestApp {
             .await
             .unwrap()
     }
-}
-
-/// Says that a test cannot run here because `var` is not set (`how` says
-/// what sets it), so the caller returns early. When the run must have it,
-/// it is a failure instead: `REQUIRE_SERVICES` lists the variables that
-/// must be set (scripts/test lists what it started), and with `CI=true`
-/// and no list, all of them are required.
-pub fn not_here(var: &str, how: &str) {
-    let required = match std::env::var("REQUIRE_SERVICES") {
-        Ok(list) => list.split(',').any(|v| v.trim() == var),
-        Err(_) => std::env::var("CI").is_ok_and(|ci| ci == "true"),
-    };
-    assert!(!required, "{var} is not set, and this run requires it ({how})");
-    eprintln!("SKIPPED: {var} is not set ({how})");
 }
 
 /// The value of one series in the metrics text; a series that is not there
