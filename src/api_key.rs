@@ -23,10 +23,11 @@
 //! The Datastore layout keeps them in plain text, so they are looked up by
 //! value (a query); our SQL backends store only their SHA-256.
 
+use crate::ground::{fill_random, hex_lower, sha256_hex};
 use std::fmt;
 use std::str::FromStr;
 
-use aws_lc_rs::{constant_time, digest, rand};
+use aws_lc_rs::constant_time;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
@@ -317,30 +318,10 @@ pub fn check_new_id(id: &str, max_len: usize) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    hex_lower(digest::digest(&digest::SHA256, bytes).as_ref())
-}
-
-pub(crate) fn hex_lower(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0x0f)] as char);
-    }
-    out
-}
-
 fn random_base64url(len: usize) -> String {
     let mut bytes = vec![0u8; len];
     fill_random(&mut bytes);
     URL_SAFE_NO_PAD.encode(bytes)
-}
-
-pub(crate) fn fill_random(buf: &mut [u8]) {
-    // The system CSPRNG failing is not something a request can recover from;
-    // aws-lc aborts internally in that case rather than returning weak bytes.
-    rand::fill(buf).expect("the system random number generator failed");
 }
 
 #[cfg(test)]

@@ -27,55 +27,10 @@ use lru::LruCache;
 use tokio::sync::OnceCell;
 
 use crate::claims::Principal;
+use crate::ground::Clock;
 use crate::metrics::Metrics;
 use crate::store::changes::Invalidation;
 use crate::store::{StoreError, UsageKey};
-
-/// A monotonic clock, so tests can move time instead of sleeping.
-pub trait Clock: Send + Sync {
-    fn now(&self) -> Instant;
-}
-
-/// The real clock.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Instant {
-        Instant::now()
-    }
-}
-
-/// A clock that moves only when told to.
-pub struct ManualClock {
-    start: Instant,
-    offset_nanos: AtomicU64,
-}
-
-impl ManualClock {
-    pub fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            offset_nanos: AtomicU64::new(0),
-        }
-    }
-
-    pub fn advance(&self, by: Duration) {
-        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
-        self.offset_nanos.fetch_add(nanos, Ordering::SeqCst);
-    }
-}
-
-impl Default for ManualClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Instant {
-        self.start + Duration::from_nanos(self.offset_nanos.load(Ordering::SeqCst))
-    }
-}
 
 /// How long verdicts are kept, and how many.
 #[derive(Debug, Clone, Copy)]
@@ -398,6 +353,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
+    use crate::ground::ManualClock;
 
     fn valid(org: &str) -> Verdict {
         Verdict::Valid(Grant {

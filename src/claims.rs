@@ -73,7 +73,7 @@ impl Claims {
         // that are already expired, which fails safe.
         let iat = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let mut random = [0u8; 16];
-        crate::api_key::fill_random(&mut random);
+        crate::ground::fill_random(&mut random);
         Self {
             iss: ISSUER,
             aud: principal.audience(),

@@ -122,8 +122,9 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::cache::{CacheSettings, Grant, ManualClock, Verdict, cache_key};
+    use crate::cache::{CacheSettings, Grant, Verdict, cache_key};
     use crate::claims::Principal;
+    use crate::ground::ManualClock;
     use crate::store::{StoreError, UsageKey};
 
     type Script = Arc<Mutex<VecDeque<Result<Vec<ChangeNotice>, StoreError>>>>;

@@ -42,6 +42,7 @@ pub mod cache;
 pub mod claims;
 pub mod cli;
 pub mod config;
+pub mod ground;
 pub mod http;
 pub mod invalidation;
 pub mod json;

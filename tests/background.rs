@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use support::{Workspace, lock_sqlite};
 use time::OffsetDateTime;
-use token_exchange::store::{Admin, UsageKey};
+use token_exchange::store::{Listing, UsageKey};
 use token_exchange::usage::{UsageRecorder, flush, flush_every};
 
-async fn tokens_issued(store: &dyn Admin, integration: &str) -> i64 {
+async fn tokens_issued(store: &dyn Listing, integration: &str) -> i64 {
     store.list_integration_keys(integration).await.unwrap()[0].tokens_issued
 }
 

@@ -603,7 +603,8 @@ async fn logs_never_contain_keys_tokens_or_private_keys(backend: Backend) {
 use std::sync::Arc;
 use std::time::Duration;
 
-use token_exchange::cache::{DEFAULT_STALE_IF_ERROR, DEFAULT_TTL, ManualClock};
+use token_exchange::cache::{DEFAULT_STALE_IF_ERROR, DEFAULT_TTL};
+use token_exchange::ground::ManualClock;
 
 /// The server with its cache on a clock the test moves.
 async fn app_with_clock(ws: &Workspace) -> (support::TestApp, Arc<ManualClock>) {

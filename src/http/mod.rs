@@ -31,7 +31,8 @@ pub use token::{DecodeError, decode_token_request};
 
 use tokio::sync::Semaphore;
 
-use crate::cache::{CacheSettings, Clock, SystemClock};
+use crate::cache::CacheSettings;
+use crate::ground::{Clock, SystemClock};
 use crate::metrics::Metrics;
 use crate::rate_limit::{RateLimitSettings, RateLimits};
 use crate::signing::SharedKeys;

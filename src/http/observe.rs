@@ -135,7 +135,7 @@ thread_local! {
     /// up from.
     static NEXT_ID: Cell<u128> = Cell::new({
         let mut seed = [0u8; 16];
-        crate::api_key::fill_random(&mut seed);
+        crate::ground::fill_random(&mut seed);
         u128::from_le_bytes(seed)
     });
 }

@@ -3,8 +3,8 @@
 //! The request path needs two reads, each its own small trait so a handler
 //! depends only on what it calls: [`IntegrationKeys`] (one point read by
 //! integration ID and key ID) and [`AutojoinKeys`] (find the organization
-//! holding a key). The admin CLI needs [`Admin`]. A backend implements all
-//! three; [`open`] picks one from the `--store` setting.
+//! holding a key). The admin CLI needs [`Admin`] (writes) and [`Listing`]
+//! (reads). A backend implements all four; [`open`] picks one from the `--store` setting.
 
 mod bounded;
 pub mod changes;
@@ -130,9 +130,6 @@ pub trait Admin: Send + Sync {
     /// A key ID already used in that integration is `AlreadyExists`.
     async fn create_integration_key(&self, key: &NewIntegrationKey) -> Result<bool, StoreError>;
 
-    /// True when no integration exists yet (used by `serve --dev`).
-    async fn is_empty(&self) -> Result<bool, StoreError>;
-
     /// Creates an autojoin organization; `AlreadyExists` if it does.
     async fn create_org(&self, name: &str, email: &str, now: OffsetDateTime) -> Result<(), StoreError>;
 
@@ -158,18 +155,6 @@ pub trait Admin: Send + Sync {
     /// that no longer exist are skipped.
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError>;
 
-    /// The audit log, oldest first.
-    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
-
-    /// Every integration, by ID.
-    async fn list_integrations(&self) -> Result<Vec<IntegrationInfo>, StoreError>;
-
-    /// The keys of an integration, by key ID; `NotFound` if it does not exist.
-    async fn list_integration_keys(&self, integration_id: &str) -> Result<Vec<KeyInfo>, StoreError>;
-
-    /// One key; `NotFound` if it (or its integration) does not exist.
-    async fn get_integration_key(&self, integration_id: &str, key_id: &str) -> Result<KeyInfo, StoreError>;
-
     /// Deletes an integration and all its keys; `NotFound` if it does not exist.
     async fn delete_integration(&self, integration_id: &str) -> Result<usize, StoreError>;
 
@@ -185,19 +170,39 @@ pub trait Admin: Send + Sync {
     /// Deletes one key; `NotFound` if it does not exist.
     async fn delete_integration_key(&self, integration_id: &str, key_id: &str) -> Result<(), StoreError>;
 
-    /// Every organization, by name.
-    async fn list_orgs(&self) -> Result<Vec<OrgInfo>, StoreError>;
-
-    /// The keys of an organization (fingerprints only); `NotFound` if it
-    /// does not exist.
-    async fn list_autojoin_keys(&self, org: &str) -> Result<Vec<AutojoinKeyInfo>, StoreError>;
-
     /// Deletes the key of `org` with this fingerprint; `NotFound` if none,
     /// `Ambiguous` if several match (ask for a longer prefix).
     async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError>;
 
     /// Deletes an organization and its keys; `NotFound` if it does not exist.
     async fn delete_org(&self, org: &str) -> Result<usize, StoreError>;
+}
+
+/// Reads for the admin CLI: what exists, as operators see it (never a
+/// secret or a hash).
+#[async_trait]
+pub trait Listing: Send + Sync {
+    /// True when no integration exists yet (used by `serve --dev`).
+    async fn is_empty(&self) -> Result<bool, StoreError>;
+
+    /// The audit log, oldest first.
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Every integration, by ID.
+    async fn list_integrations(&self) -> Result<Vec<IntegrationInfo>, StoreError>;
+
+    /// The keys of an integration, by key ID; `NotFound` if it does not exist.
+    async fn list_integration_keys(&self, integration_id: &str) -> Result<Vec<KeyInfo>, StoreError>;
+
+    /// One key; `NotFound` if it (or its integration) does not exist.
+    async fn get_integration_key(&self, integration_id: &str, key_id: &str) -> Result<KeyInfo, StoreError>;
+
+    /// Every organization, by name.
+    async fn list_orgs(&self) -> Result<Vec<OrgInfo>, StoreError>;
+
+    /// The keys of an organization (fingerprints only); `NotFound` if it
+    /// does not exist.
+    async fn list_autojoin_keys(&self, org: &str) -> Result<Vec<AutojoinKeyInfo>, StoreError>;
 }
 
 /// An integration, as the admin CLI lists it.
@@ -397,8 +402,8 @@ pub trait Lookups: IntegrationKeys + AutojoinKeys + Backend {}
 impl<T: IntegrationKeys + AutojoinKeys + Backend + ?Sized> Lookups for T {}
 
 /// Everything a backend provides.
-pub trait Store: Lookups + Admin {}
-impl<T: Lookups + Admin + ?Sized> Store for T {}
+pub trait Store: Lookups + Admin + Listing {}
+impl<T: Lookups + Admin + Listing + ?Sized> Store for T {}
 
 /// Which store a `--store` setting names, in words fit for a log: never
 /// a password.

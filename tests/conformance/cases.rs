@@ -55,20 +55,18 @@ fn org_changed(org: &str) -> Invalidation {
 }
 
 /// A server's view of the feed: what was published between two reads,
-/// told apart by a marker change that every read ends with.
+/// told apart by a marker change that every read ends with (a change to a
+/// key of its own, so that a marker left over from a read that lost its
+/// place is never taken for the current one).
 struct Watch {
     feed: Box<dyn ChangeFeed>,
     store: Arc<dyn Store>,
-    marker_key: String,
-    marks: i64,
 }
 
 const MARKER: &str = "zz-marker";
 
 impl Watch {
     async fn new(f: &Fixture) -> Self {
-        let (_, marker) = new_key(MARKER, 0, None);
-        f.store.create_integration_key(&marker).await.unwrap();
         let mut feed = f.store.change_feed(Duration::from_millis(50));
         assert!(
             feed.next().await.unwrap().is_empty(),
@@ -77,20 +75,23 @@ impl Watch {
         Self {
             feed,
             store: f.store.clone(),
-            marker_key: marker.key_id,
-            marks: 0,
         }
     }
 
-    /// Everything published since the last call, in order (the marker's
-    /// own changes left out).
-    async fn published(&mut self) -> Vec<Invalidation> {
-        self.marks += 1;
+    /// Publishes a marker change; what it publishes.
+    async fn mark(&self) -> Invalidation {
+        let (_, marker) = new_key(MARKER, 0, None);
+        self.store.create_integration_key(&marker).await.unwrap();
         self.store
-            .update_integration_key(MARKER, &self.marker_key, KeyChange::Tier(self.marks))
+            .update_integration_key(MARKER, &marker.key_id, KeyChange::Tier(1))
             .await
             .unwrap();
-        let marker = key_changed(MARKER, &self.marker_key);
+        key_changed(MARKER, &marker.key_id)
+    }
+
+    /// Everything published since the last call, in order (markers left out).
+    async fn published(&mut self) -> Vec<Invalidation> {
+        let mut marker = self.mark().await;
         let started = Instant::now();
         let mut seen = Vec::new();
         loop {
@@ -106,14 +107,13 @@ impl Watch {
                 if n.what == marker {
                     return seen;
                 }
+                if matches!(&n.what, Invalidation::IntegrationKey { integration_id, .. } if integration_id == MARKER) {
+                    continue;
+                }
                 if n.what == Invalidation::Everything {
                     // The feed gave up its place, and may have skipped the
                     // marker with it: mark again.
-                    self.marks += 1;
-                    self.store
-                        .update_integration_key(MARKER, &self.marker_key, KeyChange::Tier(self.marks))
-                        .await
-                        .unwrap();
+                    marker = self.mark().await;
                 }
                 seen.push(n.what);
             }

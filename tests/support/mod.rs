@@ -356,7 +356,7 @@ pub fn quick_readiness() -> ReadinessWindows {
 }
 
 /// Settings whose cache runs on a clock the test moves.
-pub fn settings_with_clock(ws: &Workspace, clock: Arc<token_exchange::cache::ManualClock>) -> Settings {
+pub fn settings_with_clock(ws: &Workspace, clock: Arc<token_exchange::ground::ManualClock>) -> Settings {
     Settings {
         clock,
         readiness: quick_readiness(),

@@ -74,8 +74,8 @@ fn change_name(seq: i64) -> String {
 
 fn random_token() -> String {
     let mut random = [0u8; 8];
-    crate::api_key::fill_random(&mut random);
-    crate::api_key::hex_lower(&random)
+    crate::ground::fill_random(&mut random);
+    crate::ground::hex_lower(&random)
 }
 
 /// Where the feed stands: the sequence number of a change and its random

@@ -8,6 +8,7 @@
 mod admin;
 mod client;
 mod feed;
+mod listing;
 mod lookup;
 pub mod wire;
 
@@ -267,7 +268,7 @@ fn found_entity<'a>(found: &'a [wire::EntityResult], key: &Key) -> Option<&'a En
 
 /// The whole SHA-256 (hex) of an autojoin key entity's name, which is the key.
 fn fingerprint_of_full(e: &Entity) -> String {
-    crate::api_key::sha256_hex(e.key.name().unwrap_or_default().as_bytes())
+    crate::ground::sha256_hex(e.key.name().unwrap_or_default().as_bytes())
 }
 
 fn fingerprint_of(e: &Entity) -> String {
@@ -282,7 +283,7 @@ const TRANSACTION_ATTEMPTS: u32 = 8;
 /// Exponential pause with jitter, so contending writers do not collide again.
 fn backoff(attempt: u32) -> Duration {
     let mut jitter = [0u8; 1];
-    crate::api_key::fill_random(&mut jitter);
+    crate::ground::fill_random(&mut jitter);
     Duration::from_millis(20 * (1 << attempt.min(6)) + u64::from(jitter[0]) / 4)
 }
 

@@ -9,6 +9,7 @@
 
 mod admin;
 mod feed;
+mod listing;
 mod lookup;
 
 use std::collections::BTreeMap;
@@ -135,12 +136,10 @@ impl Snapshot {
         self.audit.push(effects.audit);
         if let Some(what) = effects.publish {
             let seq = self.changes.last().map_or(0, |c| c.position.seq) + 1;
-            let mut token = [0u8; 8];
-            crate::api_key::fill_random(&mut token);
             self.changes.push(Logged {
                 position: Position {
                     seq,
-                    tag: crate::api_key::hex_lower(&token),
+                    tag: crate::ground::random_hex(8),
                 },
                 notice: ChangeNotice {
                     what,

@@ -50,6 +50,7 @@ macro_rules! on_pool {
 mod admin;
 mod connect;
 mod feed;
+mod listing;
 mod lookup;
 
 pub struct SqlStore {
