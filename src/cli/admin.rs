@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 
 use crate::api_key::{self, AutojoinApiKey, IntegrationApiKey, KEY_ID_PREFIX};
 use crate::config::{CreateAutojoinKeyArgs, CreateOrgArgs, IntegrationCreateArgs, StoreArgs};
-use crate::store::{self, NewIntegrationKey, Store};
+use crate::store::{self, NewAutojoinKey, NewIntegrationKey, Store};
 
 /// Opens the store and says which one on stderr (stdout carries only the
 /// command's result): with Datastore as the default, an operator must see
@@ -129,7 +129,7 @@ pub async fn create_autojoin_key(
 ) -> anyhow::Result<AutojoinApiKey> {
     let key = AutojoinApiKey::generate();
     store
-        .create_autojoin_key(org, &key, OffsetDateTime::now_utc(), expires_at)
+        .create_autojoin_key(&NewAutojoinKey::new(org, &key, OffsetDateTime::now_utc(), expires_at))
         .await?;
     Ok(key)
 }

@@ -1,4 +1,4 @@
-//! The HTTP API (see COMPAT.md, "HTTP API").
+//! The HTTP API (see docs/compatibility.md, "HTTP API").
 //!
 //! [`router`] builds the whole API from an [`AppState`], without a socket, so
 //! tests can drive it directly. Each endpoint has its own file; [`error`] is

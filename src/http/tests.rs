@@ -1,4 +1,4 @@
-//! Router tests: every row of COMPAT.md's "HTTP API" and "Tokens" sections,
+//! Router tests: every row of docs/compatibility.md's "HTTP API" and "Tokens" sections,
 //! driven through the router without a socket, against an in-memory fake
 //! store.
 

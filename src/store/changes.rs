@@ -5,15 +5,20 @@
 //! Each store publishes in the same transaction as the change, so a change
 //! that commits is always published and one that rolls back never is:
 //!
-//! - SQLite: a row in `changes`, whose increasing `seq` the servers poll
-//!   about once a second (SQLite has one writer at a time, so rows commit in
-//!   `seq` order and a poll never skips one).
+//! - SQLite: a row in `changes`, numbered by `seq` (SQLite has one writer
+//!   at a time, so rows commit in `seq` order).
 //! - PostgreSQL: `NOTIFY`, delivered at commit to every listening server. A
 //!   listener that lost its connection cannot know what it missed, so it
 //!   reports [`Invalidation::Everything`] once it is back.
 //! - Datastore: an entity of kind [`CHANGE_KIND`] in a namespace of our own
-//!   (the kinds Go programs read get no new properties), polled about once a
-//!   second by its timestamp.
+//!   (the kinds Go programs read get no new properties), numbered by a head
+//!   entity that every publishing transaction advances.
+//! - Memory: a list in the store.
+//!
+//! The logs (all but PostgreSQL's) are read the same way, by one
+//! [`PollingFeed`] over a [`ChangeLog`]: by sequence number, never by the
+//! clocks of the machines that wrote them, and owning up to gaps,
+//! replaced changes and logs that went back (a restored database).
 //!
 //! A feed that failed and recovered also reports `Everything`: what changed
 //! during the failure may not be known.

@@ -70,6 +70,31 @@ pub struct NewIntegrationKey {
     pub replaces: Option<String>,
 }
 
+/// A new autojoin key, as the admin CLI creates it.
+#[derive(Debug, Clone, Copy)]
+pub struct NewAutojoinKey<'a> {
+    pub org: &'a str,
+    pub key: &'a AutojoinApiKey,
+    pub created_at: OffsetDateTime,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+impl<'a> NewAutojoinKey<'a> {
+    pub fn new(
+        org: &'a str,
+        key: &'a AutojoinApiKey,
+        created_at: OffsetDateTime,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Self {
+        Self {
+            org,
+            key,
+            created_at,
+            expires_at,
+        }
+    }
+}
+
 /// Failures of a store operation. Only [`StoreError::Unavailable`] and
 /// [`StoreError::Backend`] can happen on the request path; the HTTP layer
 /// turns both into 503, never 401.
@@ -134,22 +159,28 @@ pub trait Admin: Send + Sync {
     async fn create_org(&self, name: &str, email: &str, now: OffsetDateTime) -> Result<(), StoreError>;
 
     /// Adds a key to an existing organization; `NotFound` if there is none.
-    async fn create_autojoin_key(
+    async fn create_autojoin_key(&self, new: &NewAutojoinKey<'_>) -> Result<(), StoreError>;
+
+    /// Deletes the key of `org` whose hash starts with `fingerprint`, or
+    /// sets or clears its expiry; `NotFound` if no key matches, `Ambiguous`
+    /// if several do (ask for a longer prefix).
+    async fn change_autojoin_key(
         &self,
         org: &str,
-        key: &AutojoinApiKey,
-        now: OffsetDateTime,
-        expires_at: Option<OffsetDateTime>,
+        fingerprint: &str,
+        change: rules::AutojoinChange,
     ) -> Result<(), StoreError>;
 
-    /// Sets or clears the expiry of the key of `org` with this fingerprint
-    /// (`NotFound`, `Ambiguous` as for deletion).
+    /// Sets or clears the expiry of the key of `org` with this fingerprint.
     async fn set_autojoin_expiry(
         &self,
         org: &str,
         fingerprint: &str,
         expires_at: Option<OffsetDateTime>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        self.change_autojoin_key(org, fingerprint, rules::AutojoinChange::Expiry(expires_at))
+            .await
+    }
 
     /// Adds servers' token counts and last-use times to their keys. Keys
     /// that no longer exist are skipped.
@@ -162,7 +193,7 @@ pub trait Admin: Send + Sync {
     /// `NotFound` if the key does not exist.
     async fn update_integration_key(
         &self,
-        integration_id: &str,
+        integration: &str,
         key_id: &str,
         change: KeyChange,
     ) -> Result<(), StoreError>;
@@ -170,9 +201,11 @@ pub trait Admin: Send + Sync {
     /// Deletes one key; `NotFound` if it does not exist.
     async fn delete_integration_key(&self, integration_id: &str, key_id: &str) -> Result<(), StoreError>;
 
-    /// Deletes the key of `org` with this fingerprint; `NotFound` if none,
-    /// `Ambiguous` if several match (ask for a longer prefix).
-    async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError>;
+    /// Deletes the key of `org` with this fingerprint.
+    async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError> {
+        self.change_autojoin_key(org, fingerprint, rules::AutojoinChange::Delete)
+            .await
+    }
 
     /// Deletes an organization and its keys; `NotFound` if it does not exist.
     async fn delete_org(&self, org: &str) -> Result<usize, StoreError>;

@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use token_exchange::api_key::{AutojoinApiKey, IntegrationApiKey};
 use token_exchange::store::changes::{ChangeFeed, Invalidation};
 use token_exchange::store::{
-    AuditFilter, AuditRecord, KeyChange, KeyUsage, NewIntegrationKey, Store, StoreError, UsageKey,
+    AuditFilter, AuditRecord, KeyChange, KeyUsage, NewAutojoinKey, NewIntegrationKey, Store, StoreError, UsageKey,
 };
 
 use crate::backends::Fixture;
@@ -290,8 +290,13 @@ pub async fn a_write_that_fails_records_and_publishes_nothing(f: &Fixture) {
     missing(s.delete_autojoin_key("mlab", "0123456789ab").await);
     missing(s.set_autojoin_expiry("nobody", "0123456789ab", None).await);
     missing(
-        s.create_autojoin_key("nobody", &AutojoinApiKey::generate(), OffsetDateTime::now_utc(), None)
-            .await,
+        s.create_autojoin_key(&NewAutojoinKey::new(
+            "nobody",
+            &AutojoinApiKey::generate(),
+            OffsetDateTime::now_utc(),
+            None,
+        ))
+        .await,
     );
     assert!(matches!(
         s.create_org("mlab", "x@example.org", OffsetDateTime::now_utc()).await,
@@ -383,8 +388,10 @@ pub async fn organizations_and_their_keys_are_created_and_looked_up(f: &Fixture)
     s.create_org("mlab", "ops@example.org", now).await.unwrap();
     let expiry = in_days(10);
     let (lasting, expiring) = (AutojoinApiKey::generate(), AutojoinApiKey::generate());
-    s.create_autojoin_key("mlab", &lasting, now, None).await.unwrap();
-    s.create_autojoin_key("mlab", &expiring, now, Some(expiry))
+    s.create_autojoin_key(&NewAutojoinKey::new("mlab", &lasting, now, None))
+        .await
+        .unwrap();
+    s.create_autojoin_key(&NewAutojoinKey::new("mlab", &expiring, now, Some(expiry)))
         .await
         .unwrap();
     let found = s.autojoin_org(&lasting).await.unwrap().unwrap();
@@ -433,7 +440,9 @@ pub async fn autojoin_keys_change_by_fingerprint(f: &Fixture) {
     s.create_org("mlab", "ops@example.org", now).await.unwrap();
     s.create_org("other", "ops@example.net", now).await.unwrap();
     let key = AutojoinApiKey::generate();
-    s.create_autojoin_key("mlab", &key, now, None).await.unwrap();
+    s.create_autojoin_key(&NewAutojoinKey::new("mlab", &key, now, None))
+        .await
+        .unwrap();
     let fingerprint = key.fingerprint();
     let expiry = in_days(5);
 
@@ -470,7 +479,7 @@ pub async fn autojoin_keys_change_by_fingerprint(f: &Fixture) {
     assert_eq!(s.autojoin_org(&key).await.unwrap(), None);
 
     for _ in 0..2 {
-        s.create_autojoin_key("mlab", &AutojoinApiKey::generate(), now, None)
+        s.create_autojoin_key(&NewAutojoinKey::new("mlab", &AutojoinApiKey::generate(), now, None))
             .await
             .unwrap();
     }
@@ -509,8 +518,12 @@ pub async fn an_ambiguous_fingerprint_is_refused(f: &Fixture) {
     let now = OffsetDateTime::now_utc();
     s.create_org("mlab", "ops@example.org", now).await.unwrap();
     let (a, b) = tokio::task::spawn_blocking(colliding_keys).await.unwrap();
-    s.create_autojoin_key("mlab", &a, now, None).await.unwrap();
-    s.create_autojoin_key("mlab", &b, now, None).await.unwrap();
+    s.create_autojoin_key(&NewAutojoinKey::new("mlab", &a, now, None))
+        .await
+        .unwrap();
+    s.create_autojoin_key(&NewAutojoinKey::new("mlab", &b, now, None))
+        .await
+        .unwrap();
     let audited = audit_of_org(s, "mlab").await.len();
     let prefix = &a.fingerprint()[..8];
     for result in [
@@ -539,7 +552,9 @@ pub async fn usage_adds_up_and_keeps_the_later_use(f: &Fixture) {
     s.create_integration_key(&new).await.unwrap();
     s.create_org("mlab", "ops@example.org", now).await.unwrap();
     let aj = AutojoinApiKey::generate();
-    s.create_autojoin_key("mlab", &aj, now, None).await.unwrap();
+    s.create_autojoin_key(&NewAutojoinKey::new("mlab", &aj, now, None))
+        .await
+        .unwrap();
     let t = |s: i64| OffsetDateTime::from_unix_timestamp(1_900_000_000 + s).unwrap();
     let integration = UsageKey::Integration {
         integration_id: "acme".into(),

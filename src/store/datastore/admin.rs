@@ -15,10 +15,11 @@ use super::{
     INTEGRATION_STATE_PARENT_KIND, KEY_STATE_KIND, KeyState, ORGANIZATION_KIND, TxError, fingerprint_of_full,
     found_entity, insert, properties,
 };
-use crate::api_key::AutojoinApiKey;
 use crate::store::changes::{ChangeFeed, PollingFeed};
 use crate::store::rules::{self, AutojoinChange, Effects, KeyValues};
-use crate::store::{Admin, AuditRecord, KeyChange, KeyUsage, NewIntegrationKey, STATUS_ACTIVE, StoreError, UsageKey};
+use crate::store::{
+    Admin, AuditRecord, KeyChange, KeyUsage, NewAutojoinKey, NewIntegrationKey, STATUS_ACTIVE, StoreError, UsageKey,
+};
 
 #[async_trait]
 impl Admin for DatastoreStore {
@@ -28,6 +29,32 @@ impl Admin for DatastoreStore {
             partition: self.own.clone(),
         };
         Box::new(PollingFeed::new(log, interval))
+    }
+
+    async fn change_autojoin_key(&self, org: &str, fingerprint: &str, to: AutojoinChange) -> Result<(), StoreError> {
+        let change = to;
+        rules::check_fingerprint(fingerprint)?;
+        self.in_transaction(|tx| async move {
+            let keys = self.org_keys(org, Some(&tx)).await?;
+            let hashed = keys.iter().map(|e| (fingerprint_of_full(e), e));
+            let (hash, one) =
+                rules::pick_by_fingerprint(org, fingerprint, hashed, |(h, _)| h.as_str()).map_err(TxError::Store)?;
+            let state_key = self.autojoin_state_key(&hash);
+            let found = self.client.lookup(std::slice::from_ref(&state_key), Some(&tx)).await?;
+            let mut state = KeyState::from_entity(found_entity(&found.found, &state_key));
+            let before = state.expires_text();
+            let (after, effects) = rules::change_autojoin_key(&self.operator, org, &hash, before.as_deref(), change);
+            let mut mutations = match after {
+                None => vec![json!({ "delete": one.key }), json!({ "delete": state_key })],
+                Some(expires_at) => {
+                    state.expires_at = instant(expires_at.as_deref());
+                    vec![state.upsert(state_key)]
+                }
+            };
+            mutations.extend(self.record(&tx, effects).await?);
+            Ok(((), mutations))
+        })
+        .await
     }
 
     async fn create_integration_key(&self, new: &NewIntegrationKey) -> Result<bool, StoreError> {
@@ -101,13 +128,8 @@ impl Admin for DatastoreStore {
         }
     }
 
-    async fn create_autojoin_key(
-        &self,
-        org: &str,
-        key: &AutojoinApiKey,
-        now: OffsetDateTime,
-        expires_at: Option<OffsetDateTime>,
-    ) -> Result<(), StoreError> {
+    async fn create_autojoin_key(&self, new: &NewAutojoinKey<'_>) -> Result<(), StoreError> {
+        let (org, key, now, expires_at) = (new.org, new.key, new.created_at, new.expires_at);
         let org_key = Self::key(&self.platform, &[(ORGANIZATION_KIND, org)]);
         let hash = key.secret().sha256_hex();
         let plaintext = key.secret().expose();
@@ -185,12 +207,8 @@ impl Admin for DatastoreStore {
         .await
     }
 
-    async fn update_integration_key(
-        &self,
-        integration_id: &str,
-        key_id: &str,
-        change: KeyChange,
-    ) -> Result<(), StoreError> {
+    async fn update_integration_key(&self, integration: &str, key_id: &str, to: KeyChange) -> Result<(), StoreError> {
+        let (integration_id, change) = (integration, to);
         let key = self.integration_key_path(integration_id, key_id);
         let state_key = self.integration_state_key(integration_id, key_id);
         self.in_transaction(|tx| {
@@ -247,20 +265,6 @@ impl Admin for DatastoreStore {
             }
         })
         .await
-    }
-
-    async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError> {
-        self.change_autojoin_key(org, fingerprint, AutojoinChange::Delete).await
-    }
-
-    async fn set_autojoin_expiry(
-        &self,
-        org: &str,
-        fingerprint: &str,
-        expires_at: Option<OffsetDateTime>,
-    ) -> Result<(), StoreError> {
-        self.change_autojoin_key(org, fingerprint, AutojoinChange::Expiry(expires_at))
-            .await
     }
 
     async fn delete_org(&self, org: &str) -> Result<usize, StoreError> {
@@ -377,37 +381,5 @@ impl DatastoreStore {
                 ("after", json_text(&record.after)),
             ]),
         )
-    }
-
-    /// Deletes or sets the expiry of the one key of `org` whose hash
-    /// starts with `fingerprint`.
-    async fn change_autojoin_key(
-        &self,
-        org: &str,
-        fingerprint: &str,
-        change: AutojoinChange,
-    ) -> Result<(), StoreError> {
-        rules::check_fingerprint(fingerprint)?;
-        self.in_transaction(|tx| async move {
-            let keys = self.org_keys(org, Some(&tx)).await?;
-            let hashed = keys.iter().map(|e| (fingerprint_of_full(e), e));
-            let (hash, one) =
-                rules::pick_by_fingerprint(org, fingerprint, hashed, |(h, _)| h.as_str()).map_err(TxError::Store)?;
-            let state_key = self.autojoin_state_key(&hash);
-            let found = self.client.lookup(std::slice::from_ref(&state_key), Some(&tx)).await?;
-            let mut state = KeyState::from_entity(found_entity(&found.found, &state_key));
-            let before = state.expires_text();
-            let (after, effects) = rules::change_autojoin_key(&self.operator, org, &hash, before.as_deref(), change);
-            let mut mutations = match after {
-                None => vec![json!({ "delete": one.key }), json!({ "delete": state_key })],
-                Some(expires_at) => {
-                    state.expires_at = instant(expires_at.as_deref());
-                    vec![state.upsert(state_key)]
-                }
-            };
-            mutations.extend(self.record(&tx, effects).await?);
-            Ok(((), mutations))
-        })
-        .await
     }
 }

@@ -1,5 +1,5 @@
 //! Google Cloud Datastore, in the layout M-Lab's other programs share
-//! (COMPAT.md, "Google Cloud Datastore layout").
+//! (docs/compatibility.md, "Datastore kinds other programs read" and "The namespace this service owns").
 //!
 //! Other programs load these entities into fixed Go structs, and a load
 //! fails on a property the struct lacks, so we write exactly the listed
@@ -52,7 +52,7 @@ pub struct DatastoreConfig {
     pub platform_ns: String,
     /// Namespace of `IntegrationMeta` and `IntegrationAPIKey`.
     pub client_integration_ns: String,
-    /// Namespace of this service's own kinds, such as [`CHANGE_KIND`].
+    /// Namespace of this service's own kinds, such as [`CHANGE_KIND`](crate::store::changes::CHANGE_KIND).
     pub own_ns: String,
     /// Limit on each call to Datastore.
     pub timeout: Duration,

@@ -8,10 +8,11 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::{AutojoinKey, Integration, IntegrationKey, MemoryStore, Org, Usage};
-use crate::api_key::AutojoinApiKey;
 use crate::store::changes::{ChangeFeed, PollingFeed};
 use crate::store::rules::{self, AutojoinChange, KeyValues};
-use crate::store::{Admin, KeyChange, KeyUsage, NewIntegrationKey, STATUS_ACTIVE, StoreError, UsageKey, rfc3339};
+use crate::store::{
+    Admin, KeyChange, KeyUsage, NewAutojoinKey, NewIntegrationKey, STATUS_ACTIVE, StoreError, UsageKey, rfc3339,
+};
 
 fn values(k: &IntegrationKey) -> KeyValues {
     KeyValues {
@@ -21,8 +22,14 @@ fn values(k: &IntegrationKey) -> KeyValues {
     }
 }
 
-impl MemoryStore {
-    fn change_autojoin_key(&self, org: &str, fingerprint: &str, change: AutojoinChange) -> Result<(), StoreError> {
+#[async_trait]
+impl Admin for MemoryStore {
+    fn change_feed(&self, interval: Duration) -> Box<dyn ChangeFeed> {
+        Box::new(PollingFeed::new(self.clone(), interval))
+    }
+
+    async fn change_autojoin_key(&self, org: &str, fingerprint: &str, to: AutojoinChange) -> Result<(), StoreError> {
+        let change = to;
         let mut state = self.state()?;
         let keys = &state.orgs.get(org).ok_or_else(|| rules::org_not_found(org))?.keys;
         let hash = rules::pick_by_fingerprint(org, fingerprint, keys.keys(), |h| h.as_str())?.clone();
@@ -41,13 +48,6 @@ impl MemoryStore {
         }
         state.apply(effects);
         Ok(())
-    }
-}
-
-#[async_trait]
-impl Admin for MemoryStore {
-    fn change_feed(&self, interval: Duration) -> Box<dyn ChangeFeed> {
-        Box::new(PollingFeed::new(self.clone(), interval))
     }
 
     async fn create_integration_key(&self, key: &NewIntegrationKey) -> Result<bool, StoreError> {
@@ -100,13 +100,8 @@ impl Admin for MemoryStore {
         Ok(())
     }
 
-    async fn create_autojoin_key(
-        &self,
-        org: &str,
-        key: &AutojoinApiKey,
-        now: OffsetDateTime,
-        expires_at: Option<OffsetDateTime>,
-    ) -> Result<(), StoreError> {
+    async fn create_autojoin_key(&self, new: &NewAutojoinKey<'_>) -> Result<(), StoreError> {
+        let (org, key, now, expires_at) = (new.org, new.key, new.created_at, new.expires_at);
         let hash = key.secret().sha256_hex();
         let mut state = self.state()?;
         if state.orgs.values().any(|o| o.keys.contains_key(&hash)) {
@@ -123,15 +118,6 @@ impl Admin for MemoryStore {
         );
         state.apply(rules::create_autojoin_key(&self.operator, org, &hash, expires_at));
         Ok(())
-    }
-
-    async fn set_autojoin_expiry(
-        &self,
-        org: &str,
-        fingerprint: &str,
-        expires_at: Option<OffsetDateTime>,
-    ) -> Result<(), StoreError> {
-        self.change_autojoin_key(org, fingerprint, AutojoinChange::Expiry(expires_at))
     }
 
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
@@ -168,12 +154,8 @@ impl Admin for MemoryStore {
         Ok(keys)
     }
 
-    async fn update_integration_key(
-        &self,
-        integration_id: &str,
-        key_id: &str,
-        change: KeyChange,
-    ) -> Result<(), StoreError> {
+    async fn update_integration_key(&self, integration: &str, key_id: &str, to: KeyChange) -> Result<(), StoreError> {
+        let (integration_id, change) = (integration, to);
         let mut state = self.state()?;
         let key = state
             .integrations
@@ -201,10 +183,6 @@ impl Admin for MemoryStore {
             &values(&key),
         ));
         Ok(())
-    }
-
-    async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError> {
-        self.change_autojoin_key(org, fingerprint, AutojoinChange::Delete)
     }
 
     async fn delete_org(&self, org: &str) -> Result<usize, StoreError> {

@@ -10,15 +10,54 @@ use time::OffsetDateTime;
 
 use super::feed::Publish;
 use super::{SqlPool, SqlStore, WritePool as _, backend, classify, is_unique_violation, locking, seconds, timestamp};
-use crate::api_key::AutojoinApiKey;
 use crate::store::changes::ChangeFeed;
 use crate::store::rules::{self, AutojoinChange, Effects, KeyValues};
-use crate::store::{Admin, KeyChange, KeyUsage, NewIntegrationKey, STATUS_ACTIVE, StoreError, UsageKey};
+use crate::store::{
+    Admin, KeyChange, KeyUsage, NewAutojoinKey, NewIntegrationKey, STATUS_ACTIVE, StoreError, UsageKey,
+};
 
 #[async_trait]
 impl Admin for SqlStore {
     fn change_feed(&self, interval: Duration) -> Box<dyn ChangeFeed> {
         self.feed(interval)
+    }
+
+    async fn change_autojoin_key(&self, org: &str, fingerprint: &str, to: AutojoinChange) -> Result<(), StoreError> {
+        let change = to;
+        rules::check_fingerprint(fingerprint)?;
+        // The fingerprint is checked to be hex, so it holds no LIKE wildcard.
+        let prefix = format!("{fingerprint}%");
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let rows = sqlx::query(locking(
+                pool,
+                "SELECT key_hash, expires_at FROM autojoin_keys WHERE org = $1 AND key_hash LIKE $2",
+            ))
+                .bind(org)
+                .bind(&prefix)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(classify)?;
+            let mut keys = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let hash: String = row.try_get("key_hash").map_err(backend)?;
+                let expires_at: Option<String> = row.try_get("expires_at").map_err(backend)?;
+                keys.push((hash, expires_at));
+            }
+            let (hash, before) = rules::pick_by_fingerprint(org, fingerprint, keys, |(h, _)| h.as_str())?;
+            let (after, effects) = rules::change_autojoin_key(&self.operator, org, &hash, before.as_deref(), change);
+            match after {
+                None => sqlx::query("DELETE FROM autojoin_keys WHERE key_hash = $1").bind(&hash),
+                Some(expires_at) => sqlx::query("UPDATE autojoin_keys SET expires_at = $1 WHERE key_hash = $2")
+                    .bind(expires_at)
+                    .bind(&hash),
+            }
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            (*tx).record(effects).await?;
+            tx.commit().await.map_err(classify)
+        })
     }
 
     async fn create_integration_key(&self, key: &NewIntegrationKey) -> Result<bool, StoreError> {
@@ -87,13 +126,8 @@ impl Admin for SqlStore {
         })
     }
 
-    async fn create_autojoin_key(
-        &self,
-        org: &str,
-        key: &AutojoinApiKey,
-        now: OffsetDateTime,
-        expires_at: Option<OffsetDateTime>,
-    ) -> Result<(), StoreError> {
+    async fn create_autojoin_key(&self, new: &NewAutojoinKey<'_>) -> Result<(), StoreError> {
+        let (org, key, now, expires_at) = (new.org, new.key, new.created_at, new.expires_at);
         let (hash, created_at) = (key.secret().sha256_hex(), timestamp(now));
         let effects = rules::create_autojoin_key(&self.operator, org, &hash, expires_at);
         on_pool!(self, pool => {
@@ -131,12 +165,8 @@ impl Admin for SqlStore {
         .ok_or_else(|| rules::integration_not_found(integration_id))
     }
 
-    async fn update_integration_key(
-        &self,
-        integration_id: &str,
-        key_id: &str,
-        change: KeyChange,
-    ) -> Result<(), StoreError> {
+    async fn update_integration_key(&self, integration: &str, key_id: &str, to: KeyChange) -> Result<(), StoreError> {
+        let (integration_id, change) = (integration, to);
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let row = sqlx::query(locking(
@@ -185,20 +215,6 @@ impl Admin for SqlStore {
             (*tx).record(rules::delete_integration_key(&self.operator, integration_id, key_id, &before)).await?;
             tx.commit().await.map_err(classify)
         })
-    }
-
-    async fn delete_autojoin_key(&self, org: &str, fingerprint: &str) -> Result<(), StoreError> {
-        self.change_autojoin_key(org, fingerprint, AutojoinChange::Delete).await
-    }
-
-    async fn set_autojoin_expiry(
-        &self,
-        org: &str,
-        fingerprint: &str,
-        expires_at: Option<OffsetDateTime>,
-    ) -> Result<(), StoreError> {
-        self.change_autojoin_key(org, fingerprint, AutojoinChange::Expiry(expires_at))
-            .await
     }
 
     async fn record_usage(&self, usage: &[KeyUsage]) -> Result<(), StoreError> {
@@ -288,50 +304,6 @@ impl SqlStore {
             Ok(Some(removed))
         })
     }
-
-    /// Deletes or sets the expiry of the one key of `org` whose hash
-    /// starts with `fingerprint`.
-    async fn change_autojoin_key(
-        &self,
-        org: &str,
-        fingerprint: &str,
-        change: AutojoinChange,
-    ) -> Result<(), StoreError> {
-        rules::check_fingerprint(fingerprint)?;
-        // The fingerprint is checked to be hex, so it holds no LIKE wildcard.
-        let prefix = format!("{fingerprint}%");
-        on_pool!(self, pool => {
-            let mut tx = pool.begin_write().await?;
-            let rows = sqlx::query(locking(
-                pool,
-                "SELECT key_hash, expires_at FROM autojoin_keys WHERE org = $1 AND key_hash LIKE $2",
-            ))
-                .bind(org)
-                .bind(&prefix)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(classify)?;
-            let mut keys = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let hash: String = row.try_get("key_hash").map_err(backend)?;
-                let expires_at: Option<String> = row.try_get("expires_at").map_err(backend)?;
-                keys.push((hash, expires_at));
-            }
-            let (hash, before) = rules::pick_by_fingerprint(org, fingerprint, keys, |(h, _)| h.as_str())?;
-            let (after, effects) = rules::change_autojoin_key(&self.operator, org, &hash, before.as_deref(), change);
-            match after {
-                None => sqlx::query("DELETE FROM autojoin_keys WHERE key_hash = $1").bind(&hash),
-                Some(expires_at) => sqlx::query("UPDATE autojoin_keys SET expires_at = $1 WHERE key_hash = $2")
-                    .bind(expires_at)
-                    .bind(&hash),
-            }
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-            (*tx).record(effects).await?;
-            tx.commit().await.map_err(classify)
-        })
-    }
 }
 
 /// Recording what a write does, in its transaction: the audit record and
@@ -380,7 +352,7 @@ impl_record!(sqlx::PgConnection);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api_key::IntegrationApiKey;
+    use crate::api_key::{AutojoinApiKey, IntegrationApiKey};
     use crate::store::{AutojoinKeys as _, IntegrationKeys as _, Listing as _};
 
     async fn store() -> (tempfile::TempDir, SqlStore) {
@@ -438,7 +410,8 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let key = AutojoinApiKey::generate();
         assert!(matches!(
-            s.create_autojoin_key("mlab", &key, now, None).await,
+            s.create_autojoin_key(&NewAutojoinKey::new("mlab", &key, now, None))
+                .await,
             Err(StoreError::NotFound(_))
         ));
         s.create_org("mlab", "ops@example.org", now).await.unwrap();
@@ -446,7 +419,9 @@ mod tests {
             s.create_org("mlab", "x@example.org", now).await,
             Err(StoreError::AlreadyExists(_))
         ));
-        s.create_autojoin_key("mlab", &key, now, None).await.unwrap();
+        s.create_autojoin_key(&NewAutojoinKey::new("mlab", &key, now, None))
+            .await
+            .unwrap();
         assert_eq!(s.autojoin_org(&key).await.unwrap().unwrap().org, "mlab");
         assert_eq!(s.autojoin_org(&AutojoinApiKey::generate()).await.unwrap(), None);
         // Only the hash is stored.
