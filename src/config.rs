@@ -1,16 +1,16 @@
-//! Command-line settings. Every server flag can also come from the
+//! The command-line settings several commands share: the store, expiries,
+//! listings and `serve`'s server flags (each subcommand declares the rest
+//! next to its code, in `cli/`). Every flag can also come from the
 //! environment (upper case, `-` as `_`: `--port` / `PORT`); a flag on the
 //! command line wins, as with the Go service's flagx.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 
 use crate::app::ListenAddress;
-use crate::signing::Algorithm;
 use crate::store::StoreSettings;
-use crate::telemetry::LogFormat;
 
 /// Where the Go service, and so every deployment manifest, keeps the key.
 pub const DEFAULT_PRIVATE_KEY_PATH: &str = "/secrets/jwk-priv.json";
@@ -27,83 +27,6 @@ pub const OTHER_ENVIRONMENT: &[&str] = &[
     "HOME",
     "RUST_LOG",
 ];
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "token-exchange",
-    version,
-    about = "Exchanges API keys for short-lived signed JWTs",
-    // Without a subcommand the binary serves, taking `serve`'s flags, as the
-    // Go service's binary does: its deployments run it with no arguments
-    // and configure it through the environment.
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub serve: ServeArgs,
-    /// Log format [default: json for serve, text for serve --dev and admin commands].
-    #[arg(long, global = true, env = "LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Log filter, e.g. `info` or `token_exchange=debug,info`
-    /// [default: RUST_LOG, else info for serve and warn for admin commands].
-    #[arg(long, global = true, env = "LOG_LEVEL", value_name = "FILTER")]
-    pub log_level: Option<String>,
-}
-
-// Parsed once at start-up and matched once: boxing the large variant
-// would only add noise.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the HTTP server.
-    Serve(ServeArgs),
-    /// Generate a private signing key (JWK) and print its public half.
-    Keygen(KeygenArgs),
-    /// Manage client integrations and their API keys.
-    #[command(subcommand)]
-    Integration(IntegrationCommand),
-    /// Revoke, re-activate, re-tier, rotate or delete one integration key.
-    #[command(subcommand)]
-    Key(KeyCommand),
-    /// Manage autojoin organizations and their API keys.
-    #[command(subcommand)]
-    Autojoin(AutojoinCommand),
-    /// Bring a SQL store's schema up to date, then exit (`serve` and every
-    /// admin command also do this when they open the store).
-    Migrate(MigrateArgs),
-    /// Read the audit log of admin changes.
-    #[command(subcommand)]
-    Audit(AuditCommand),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum AuditCommand {
-    /// List audit records, oldest first: who changed which key, from what
-    /// to what (never a secret).
-    List(AuditListArgs),
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct AuditListArgs {
-    /// Only records from this time on: RFC 3339 (`2026-11-01T00:00:00Z`)
-    /// or a duration ago (`24h`, `7d`).
-    #[arg(long)]
-    pub since: Option<String>,
-    /// Only records about this integration.
-    #[arg(long)]
-    pub integration_id: Option<String>,
-    /// Only records about this autojoin organization.
-    #[arg(long)]
-    pub org: Option<String>,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub store: StoreArgs,
-}
 
 /// When a new key expires: in a while, at an instant, or never (neither).
 #[derive(Debug, Clone, Default, Args)]
@@ -316,14 +239,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
 
-impl Cli {
-    /// The chosen subcommand; `serve` (with the top-level flags) when none
-    /// is given.
-    pub fn into_command(self) -> Command {
-        self.command.unwrap_or(Command::Serve(self.serve))
-    }
-}
-
 impl StoreArgs {
     pub fn store_url(&self) -> &str {
         self.store.as_deref().unwrap_or(DEFAULT_STORE)
@@ -489,111 +404,10 @@ impl ServeArgs {
     }
 }
 
-/// Every environment variable the binary reads: one per flag (any
-/// subcommand's), and [`OTHER_ENVIRONMENT`].
-pub fn environment_variables() -> std::collections::BTreeSet<String> {
-    use clap::CommandFactory as _;
-    fn walk(command: &clap::Command, out: &mut std::collections::BTreeSet<String>) {
-        for arg in command.get_arguments() {
-            if let Some(name) = arg.get_env() {
-                out.insert(name.to_string_lossy().into_owned());
-            }
-        }
-        for sub in command.get_subcommands() {
-            walk(sub, out);
-        }
-    }
-    let mut out: std::collections::BTreeSet<String> = OTHER_ENVIRONMENT.iter().map(|s| (*s).to_owned()).collect();
-    walk(&Cli::command(), &mut out);
-    out
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct KeygenArgs {
-    /// Signing algorithm: RS256 (what Cloud Endpoints verifies), ES256 or EdDSA.
-    #[arg(long, value_enum)]
-    pub alg: Algorithm,
-    /// Key ID [default: the RFC 7638 thumbprint, as jose-util assigns].
-    #[arg(long)]
-    pub kid: Option<String>,
-    /// File to write the private JWK to (created with mode 0600; an existing
-    /// file is never replaced).
-    #[arg(long, value_name = "PATH")]
-    pub out: PathBuf,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum IntegrationCommand {
-    /// Create a key for an integration, creating the integration if needed.
-    /// Prints the API key; it cannot be shown again.
-    Create(IntegrationCreateArgs),
-    /// List the integrations (or, with --unused-for, the keys not used lately).
-    List(IntegrationListArgs),
-    /// Show an integration's keys (never their secrets or hashes).
-    Show(IntegrationRef),
-    /// Delete an integration and all its keys.
-    Delete(IntegrationRef),
-}
-
 /// A command that only reads a list.
 #[derive(Debug, Clone, Args)]
 pub struct ListArgs {
     /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub store: StoreArgs,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct IntegrationListArgs {
-    #[command(flatten)]
-    pub list: ListArgs,
-    /// List instead every key that issued no token for this long (`30d`);
-    /// a key never used counts from its creation.
-    #[arg(long, value_parser = parse_duration)]
-    pub unused_for: Option<Duration>,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct IntegrationRef {
-    /// Integration ID, without the `cii_` prefix.
-    #[arg(long)]
-    pub integration_id: String,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub store: StoreArgs,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum KeyCommand {
-    /// Refuse the key from now on (within the servers' cache TTL).
-    Revoke(KeyRef),
-    /// Accept a revoked key again.
-    Activate(KeyRef),
-    /// Change the key's tier (the `tier` claim).
-    SetTier(SetTierArgs),
-    /// Set when the key expires, or (`--never`) that it does not.
-    SetExpiry(SetKeyExpiryArgs),
-    /// Delete the key.
-    Delete(KeyRef),
-    /// Create a new active key with the same tier and description, and print
-    /// it once. The old key stays active until revoked, so the customer can
-    /// switch over.
-    Rotate(KeyRef),
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct KeyRef {
-    /// Integration ID, without the `cii_` prefix.
-    #[arg(long)]
-    pub integration_id: String,
-    /// Key ID, with its `ki_` prefix.
-    #[arg(long)]
-    pub key_id: String,
-    /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -625,125 +439,6 @@ impl NewExpiryArgs {
     }
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct SetKeyExpiryArgs {
-    #[command(flatten)]
-    pub key: KeyRef,
-    #[command(flatten)]
-    pub expiry: NewExpiryArgs,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct SetTierArgs {
-    #[command(flatten)]
-    pub key: KeyRef,
-    /// The new tier.
-    #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
-    pub tier: i64,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct IntegrationCreateArgs {
-    /// Integration ID, without the `cii_` prefix.
-    #[arg(long)]
-    pub integration_id: String,
-    /// Key ID, with its `ki_` prefix [default: random].
-    #[arg(long)]
-    pub key_id: Option<String>,
-    /// Service tier of the key, in the `tier` claim.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..))]
-    pub tier: i64,
-    /// Description of the integration (used only when it is created).
-    #[arg(long, default_value = "")]
-    pub integration_description: String,
-    /// Description of the key.
-    #[arg(long, default_value = "")]
-    pub key_description: String,
-    #[command(flatten)]
-    pub expiry: ExpiryArgs,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub store: StoreArgs,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum AutojoinCommand {
-    /// Create an autojoin organization.
-    CreateOrg(CreateOrgArgs),
-    /// Create an API key for an existing organization. Prints the key; it
-    /// cannot be shown again.
-    CreateKey(CreateAutojoinKeyArgs),
-    /// List the organizations.
-    ListOrgs(ListArgs),
-    /// List an organization's keys, by fingerprint (never the key).
-    ListKeys(OrgRef),
-    /// Delete one key of an organization, named by its fingerprint.
-    DeleteKey(DeleteAutojoinKeyArgs),
-    /// Set when a key of an organization expires, or (`--never`) that it
-    /// does not.
-    SetExpiry(SetAutojoinExpiryArgs),
-    /// Delete an organization and all its keys.
-    DeleteOrg(OrgRef),
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct OrgRef {
-    /// Organization name.
-    #[arg(long)]
-    pub org: String,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub store: StoreArgs,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct CreateAutojoinKeyArgs {
-    #[command(flatten)]
-    pub org: OrgRef,
-    #[command(flatten)]
-    pub expiry: ExpiryArgs,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct SetAutojoinExpiryArgs {
-    #[command(flatten)]
-    pub org: OrgRef,
-    /// The key's fingerprint as `autojoin list-keys` shows it.
-    #[arg(long)]
-    pub fingerprint: String,
-    #[command(flatten)]
-    pub expiry: NewExpiryArgs,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct DeleteAutojoinKeyArgs {
-    #[command(flatten)]
-    pub org: OrgRef,
-    /// The key's fingerprint as `autojoin list-keys` shows it (at least 8
-    /// hex digits).
-    #[arg(long)]
-    pub fingerprint: String,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct CreateOrgArgs {
-    /// Organization name (also the `org` claim).
-    #[arg(long)]
-    pub org: String,
-    /// Contact address of the organization.
-    #[arg(long)]
-    pub email: String,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub store: StoreArgs,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -768,27 +463,6 @@ mod tests {
         assert!(parse_instant("tomorrow").is_err());
         assert_eq!(parse_duration("30d").unwrap(), Duration::from_secs(30 * 86_400));
     }
-    use clap::CommandFactory as _;
-
-    #[test]
-    fn cli_definition_is_consistent() {
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn store_settings_never_print_a_password() {
-        let cli = Cli::try_parse_from([
-            "token-exchange",
-            "serve",
-            "--store",
-            "postgres://tx:hunter2@db.example:5432/keys",
-        ])
-        .unwrap();
-        let text = format!("{cli:?}");
-        assert!(!text.contains("hunter2"), "{text}");
-        assert!(text.contains("PostgreSQL database keys on db.example:5432"), "{text}");
-    }
-
     #[test]
     fn durations() {
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
@@ -798,37 +472,5 @@ mod tests {
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("2 weeks").is_err());
         assert!(parse_duration("-1s").is_err());
-    }
-
-    #[test]
-    fn no_subcommand_means_serve_as_the_go_binary_does() {
-        let cli = Cli::try_parse_from(["token-exchange", "--port", "9001", "--dev"]).unwrap();
-        let Command::Serve(args) = cli.into_command() else {
-            panic!("not serve")
-        };
-        assert_eq!(args.port, 9001);
-        assert!(args.dev);
-        // Server flags do not mix with an admin subcommand.
-        assert!(Cli::try_parse_from(["token-exchange", "--dev", "keygen", "--alg", "RS256", "--out", "x"]).is_err());
-    }
-
-    #[test]
-    fn flags_have_their_defaults() {
-        let cli = Cli::try_parse_from(["token-exchange", "serve"]).unwrap();
-        let Command::Serve(args) = cli.into_command() else {
-            panic!("not serve")
-        };
-        // Defaults only hold when the environment does not set them.
-        if std::env::var_os("PORT").is_none() {
-            assert_eq!(args.port, 8080);
-        }
-        if std::env::var_os("STORE").is_none() {
-            assert_eq!(args.store.store_url(), DEFAULT_STORE);
-        }
-        let cli = Cli::try_parse_from(["token-exchange", "serve", "--port", "9000", "--dev"]).unwrap();
-        let Command::Serve(args) = cli.into_command() else {
-            panic!("not serve")
-        };
-        assert_eq!(args.listen_addr(), ListenAddress::Exact("127.0.0.1:9000".into()));
     }
 }

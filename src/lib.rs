@@ -13,13 +13,15 @@
 //! uses `config`, and on a file of over 500 lines of code (tests aside) not
 //! named below with its reason. Top floor first:
 //!
-//! - [`cli`]: the admin subcommands and `serve` (with `main`).
-//! - [`config`], [`app`]: command-line flags and their environment variables,
+//! - [`cli`]: the command line (`Cli`) and its subcommands, each declaring
+//!   its own flags next to its code: `serve`, `keygen`, `integration`,
+//!   `key`, `autojoin`, `audit` (with `main`); `cli/admin.rs` holds what the
+//!   admin commands share.
+//! - [`config`], [`app`]: the flags several commands share (store, expiry,
+//!   listing, `serve`'s server flags) and their environment variables,
 //!   turned into each module's own settings ([`store::StoreSettings`],
 //!   [`cache::CacheSettings`], [`http::Settings`]); wiring (store, cache,
 //!   validator, state) and the listeners, with bounded connections.
-//!   `src/config.rs` (long: it still holds the flags of every admin
-//!   command; they move next to their commands in `cli/`).
 //! - [`http`]: the router, one file per endpoint, the one place that maps
 //!   errors to status codes, and the one layer that logs and measures.
 //! - [`background`], [`invalidation`], [`usage`], [`rotation`]: the

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use token_exchange::config::{Cli, Command};
+use token_exchange::cli::{Cli, Command};
 use token_exchange::telemetry::{self, LogFormat};
 
 #[tokio::main]

@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use serde_json::Value;
-use token_exchange::config::{DEFAULT_PRIVATE_KEY_PATH, environment_variables};
+use token_exchange::cli::environment_variables;
+use token_exchange::config::DEFAULT_PRIVATE_KEY_PATH;
 
 fn read(relative: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);

@@ -1,14 +1,16 @@
-//! Admin subcommands that create integrations, organizations and keys.
+//! What the admin subcommands share: opening the store (and saying which),
+//! creating keys (also for `serve --dev`), and printing tables.
 //!
-//! Each prints a newly created key exactly once: on stdout, as text or (with
-//! `--json`) as one JSON object and nothing else, so scripts can capture it.
+//! A command that creates a key prints it exactly once: on stdout, as text or
+//! (with `--json`) as one JSON object and nothing else, so scripts can
+//! capture it. A command that names something missing fails with a message
+//! and changes nothing.
 
 use anyhow::Context as _;
-use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::api_key::{self, AutojoinApiKey, IntegrationApiKey, KEY_ID_PREFIX};
-use crate::config::{CreateAutojoinKeyArgs, CreateOrgArgs, IntegrationCreateArgs, StoreArgs};
+use crate::config::StoreArgs;
 use crate::store::{self, NewAutojoinKey, NewIntegrationKey, Store};
 
 /// Opens the store and says which one on stderr (stdout carries only the
@@ -21,7 +23,7 @@ pub(super) async fn open(args: &StoreArgs) -> anyhow::Result<std::sync::Arc<dyn 
     Ok(store)
 }
 
-fn check_key_id(key_id: &str) -> anyhow::Result<()> {
+pub(super) fn check_key_id(key_id: &str) -> anyhow::Result<()> {
     let suffix = key_id
         .strip_prefix(KEY_ID_PREFIX)
         .with_context(|| format!("--key-id must start with {KEY_ID_PREFIX:?}"))?;
@@ -61,66 +63,6 @@ pub async fn create_integration_key(
     Ok((key, created))
 }
 
-pub(super) async fn integration_create(args: &IntegrationCreateArgs) -> anyhow::Result<()> {
-    let expires_at = args.expiry.expiry().map_err(anyhow::Error::msg)?;
-    let store = open(&args.store).await?;
-    let (key, created) = create_integration_key(
-        store.as_ref(),
-        &args.integration_id,
-        args.key_id.as_deref(),
-        args.tier,
-        &args.integration_description,
-        &args.key_description,
-        expires_at,
-    )
-    .await?;
-    let api_key = key.to_secret_string();
-    if args.json {
-        let mut out = json!({
-            "integration_id": key.integration_id(),
-            "key_id": key.key_id(),
-            "api_key": api_key.expose(),
-        });
-        if let Some(at) = expires_at {
-            out["expires_at"] = json!(store::rfc3339(at));
-        }
-        println!("{out}");
-    } else {
-        if created {
-            println!("Created integration {}.", key.integration_id());
-        }
-        println!(
-            "Created key {} (tier {}) for integration {}.",
-            key.key_id(),
-            args.tier,
-            key.integration_id()
-        );
-        if let Some(at) = expires_at {
-            println!("It expires at {}.", store::rfc3339(at));
-        }
-        println!("API key (shown only now; store it securely):");
-        println!("{}", api_key.expose());
-    }
-    Ok(())
-}
-
-pub(super) async fn autojoin_create_org(args: &CreateOrgArgs) -> anyhow::Result<()> {
-    api_key::check_new_id(&args.org, 128).map_err(|why| anyhow::anyhow!("--org {why}"))?;
-    if !args.email.contains('@') {
-        anyhow::bail!("--email {:?} is not an email address", args.email);
-    }
-    let store = open(&args.store).await?;
-    store
-        .create_org(&args.org, &args.email, OffsetDateTime::now_utc())
-        .await?;
-    if args.json {
-        println!("{}", json!({ "org": args.org, "email": args.email }));
-    } else {
-        println!("Created organization {}.", args.org);
-    }
-    Ok(())
-}
-
 /// Creates an autojoin key for an existing organization.
 pub async fn create_autojoin_key(
     store: &dyn Store,
@@ -134,25 +76,48 @@ pub async fn create_autojoin_key(
     Ok(key)
 }
 
-pub(super) async fn autojoin_create_key(create: &CreateAutojoinKeyArgs) -> anyhow::Result<()> {
-    let expires_at = create.expiry.expiry().map_err(anyhow::Error::msg)?;
-    let args = &create.org;
-    let store = open(&args.store).await?;
-    let key = create_autojoin_key(store.as_ref(), &args.org, expires_at).await?;
-    if args.json {
-        let mut out = json!({ "org": args.org, "api_key": key.secret().expose() });
-        if let Some(at) = expires_at {
-            out["expires_at"] = json!(store::rfc3339(at));
-        }
-        println!("{out}");
-    } else {
-        println!(
-            "Created a key (fingerprint {}) for organization {}.",
-            key.fingerprint(),
-            args.org
-        );
-        println!("API key (shown only now; store it securely):");
-        println!("{}", key.secret().expose());
+/// An optional time as a table cell.
+pub(super) fn cell(t: Option<&str>) -> String {
+    t.unwrap_or("-").to_owned()
+}
+
+/// A cell as printed: control characters (a newline in a description, an
+/// escape sequence in an e-mail) are shown escaped, so stored text cannot
+/// forge rows or rewrite the terminal.
+pub(super) fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
     }
-    Ok(())
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Prints rows under headers, each column as wide as its widest cell.
+pub(super) fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| printable(c)).collect())
+        .collect();
+    let rows = rows.as_slice();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
 }

@@ -1,9 +1,25 @@
 //! `keygen`: writes a private JWK and prints its public half.
 
-use anyhow::Context as _;
+use std::path::PathBuf;
 
-use crate::config::KeygenArgs;
-use crate::signing::{SigningKey, write_private_jwk};
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::signing::{Algorithm, SigningKey, write_private_jwk};
+
+#[derive(Debug, Clone, Args)]
+pub struct KeygenArgs {
+    /// Signing algorithm: RS256 (what Cloud Endpoints verifies), ES256 or EdDSA.
+    #[arg(long, value_enum)]
+    pub alg: Algorithm,
+    /// Key ID [default: the RFC 7638 thumbprint, as jose-util assigns].
+    #[arg(long)]
+    pub kid: Option<String>,
+    /// File to write the private JWK to (created with mode 0600; an existing
+    /// file is never replaced).
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+}
 
 pub(super) fn run(args: &KeygenArgs) -> anyhow::Result<()> {
     if args.kid.as_deref() == Some("") {

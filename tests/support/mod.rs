@@ -44,7 +44,7 @@ pub fn command() -> Command {
     // Every variable the binary reads (taken from its own flags, so none
     // can be forgotten), so an exported KEY_CACHE_TTL or STORE in a
     // developer's shell cannot change what a test runs.
-    for name in token_exchange::config::environment_variables() {
+    for name in token_exchange::cli::environment_variables() {
         if !KEPT_ENVIRONMENT.contains(&name.as_str()) {
             cmd.env_remove(name);
         }
