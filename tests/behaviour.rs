@@ -1665,6 +1665,8 @@ async fn the_audit_log_records_each_change_and_no_secret(backend: Backend) {
     assert_eq!(log["records"][2]["fingerprint"], fingerprint.as_str());
 
     // Everything, as text and JSON: never a key, a secret or a hash.
+    let bad = ws.admin(&["audit", "list", "--since", "soon-ish"]);
+    assert!(!bad.status.success(), "a --since that is no time was taken");
     let all = ws.admin(&["audit", "list", "--json"]);
     let text = ws.admin(&["audit", "list"]);
     let secret = key.rsplit('.').next().unwrap();

@@ -34,7 +34,7 @@ CARGO_LLVM_COV_VERSION=0.9.1
 # and in every file. Test code and benchmarks are not counted.
 COVERAGE_TOTAL_FLOOR=93
 COVERAGE_FILE_FLOOR=90
-COVERAGE_IGNORE='/(tests|benches|examples)/|src/http/tests\.rs'
+COVERAGE_IGNORE='/(tests|benches|examples)/|src/.*/tests\.rs'
 
 # Installs a cargo subcommand at the pinned version unless it is there.
 ensure_cargo_tool() {

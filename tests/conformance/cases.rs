@@ -206,6 +206,7 @@ pub async fn integration_keys_are_created_and_looked_up(f: &Fixture) {
     assert_eq!(watch.published().await, vec![], "{}", f.backend);
     assert!(!s.is_empty().await.unwrap());
     s.ping().await.unwrap();
+    assert!(s.capacity() > 0);
     assert_eq!(s.backend(), f.backend);
 }
 
@@ -833,6 +834,8 @@ pub async fn an_outage_is_reported_and_the_feed_recovers(f: &Fixture) {
         s.integration_key("outage", &new.key_id).await,
         Err(StoreError::Unavailable(_))
     ));
+    assert!(s.ping().await.is_err());
+    assert!(s.autojoin_org(&AutojoinApiKey::generate()).await.is_err());
     f.accidents.set_down(false).await;
     // Changes during the outage cannot be known: the first read after it
     // reports everything, once, and the feed follows again.

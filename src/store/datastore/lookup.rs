@@ -3,8 +3,7 @@
 
 use async_trait::async_trait;
 
-use super::client::CallError;
-use super::{AUTOJOIN_KEY_KIND, DATASTORE_CALLS, DatastoreStore, KeyState, ORGANIZATION_KIND, found_entity, wire};
+use super::{AUTOJOIN_KEY_KIND, DATASTORE_CALLS, DatastoreStore, KeyState, found_entity, holder, redacted, wire};
 use crate::api_key::AutojoinApiKey;
 use crate::store::{AutojoinKeyRecord, AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys, StoreError};
 
@@ -47,38 +46,9 @@ impl AutojoinKeys for DatastoreStore {
             self.client.lookup(std::slice::from_ref(&state_key), None)
         );
         let state = KeyState::from_entity(found_entity(&state?.found, &state_key));
-        let response = response.map_err(|e| {
-            // The query carries the key; make sure no error text can.
-            let text = e.to_string().replace(key.secret().expose(), "<redacted>");
-            StoreError::from(match e {
-                CallError::Transient(_) => CallError::Transient(text),
-                _ => CallError::Permanent(text),
-            })
-        })?;
-        let results = response.batch.entity_results;
-        if results.len() > 1 {
-            tracing::error!(
-                fingerprint = %key.fingerprint(),
-                "an autojoin key is held by more than one organization; refusing it until the data is fixed"
-            );
-            return Ok(None);
-        }
-        let Some(result) = results.into_iter().next() else {
-            return Ok(None);
-        };
-        match result.entity.key.parent() {
-            Some(parent) if parent.kind == ORGANIZATION_KIND && parent.name.is_some() => Ok(Some(AutojoinKeyRecord {
-                org: parent.name.clone().unwrap_or_default(),
-                expires_at: state.expires_at,
-            })),
-            _ => {
-                tracing::error!(
-                    fingerprint = %key.fingerprint(),
-                    "an autojoin key entity has no parent organization; refusing it"
-                );
-                Ok(None)
-            }
-        }
+        // The query carries the key; no error text may.
+        let response = response.map_err(|e| redacted(e, key.secret().expose()))?;
+        Ok(holder(response.batch.entity_results, key, state.expires_at))
     }
 }
 

@@ -320,3 +320,44 @@ fn upsert(key: Key, properties: Map<String, Value>) -> Value {
 fn properties<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
     pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
+
+/// A failed query's error with `secret` (the autojoin key it carried) cut
+/// out of its text.
+fn redacted(e: CallError, secret: &str) -> StoreError {
+    let text = e.to_string().replace(secret, "<redacted>");
+    StoreError::from(match e {
+        CallError::Transient(_) => CallError::Transient(text),
+        _ => CallError::Permanent(text),
+    })
+}
+
+/// The organization holding an autojoin key, from the query's results: a
+/// key held by two organizations, or by an entity without one, is refused
+/// (and logged) until the data is fixed.
+fn holder(
+    results: Vec<wire::EntityResult>,
+    key: &crate::api_key::AutojoinApiKey,
+    expires_at: Option<OffsetDateTime>,
+) -> Option<super::AutojoinKeyRecord> {
+    if results.len() > 1 {
+        tracing::error!(
+            fingerprint = %key.fingerprint(),
+            "an autojoin key is held by more than one organization; refusing it until the data is fixed"
+        );
+        return None;
+    }
+    let result = results.into_iter().next()?;
+    match result.entity.key.parent() {
+        Some(parent) if parent.kind == ORGANIZATION_KIND && parent.name.is_some() => Some(super::AutojoinKeyRecord {
+            org: parent.name.clone().unwrap_or_default(),
+            expires_at,
+        }),
+        _ => {
+            tracing::error!(
+                fingerprint = %key.fingerprint(),
+                "an autojoin key entity has no parent organization; refusing it"
+            );
+            None
+        }
+    }
+}

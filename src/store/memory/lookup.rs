@@ -8,12 +8,9 @@ use super::MemoryStore;
 use crate::api_key::AutojoinApiKey;
 use crate::store::{AutojoinKeyRecord, AutojoinKeys, Backend, IntegrationKeyRecord, IntegrationKeys, StoreError};
 
-/// Reads back an expiry the rulebook wrote.
-pub(super) fn instant(text: Option<&str>) -> Result<Option<OffsetDateTime>, StoreError> {
-    text.map(|t| {
-        OffsetDateTime::parse(t, &Rfc3339).map_err(|e| StoreError::Backend(format!("unreadable time {t:?}: {e}")))
-    })
-    .transpose()
+/// Reads back an expiry the rulebook wrote (always RFC 3339).
+pub(super) fn instant(text: Option<&str>) -> Option<OffsetDateTime> {
+    text.and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
 }
 
 #[async_trait]
@@ -31,7 +28,7 @@ impl IntegrationKeys for MemoryStore {
             key_hash: key.hash.clone(),
             status: key.status.clone(),
             tier: key.tier,
-            expires_at: instant(key.expires_at.as_deref())?,
+            expires_at: instant(key.expires_at.as_deref()),
         }))
     }
 }
@@ -45,7 +42,7 @@ impl AutojoinKeys for MemoryStore {
             if let Some(k) = o.keys.get(&hash) {
                 return Ok(Some(AutojoinKeyRecord {
                     org: org.clone(),
-                    expires_at: instant(k.expires_at.as_deref())?,
+                    expires_at: instant(k.expires_at.as_deref()),
                 }));
             }
         }
