@@ -23,7 +23,7 @@
 //! The Datastore layout keeps them in plain text, so they are looked up by
 //! value (a query); our SQL backends store only their SHA-256.
 
-use crate::ground::{fill_random, hex_lower, sha256_hex};
+use crate::ground::{fill_random, random_hex, sha256_hex};
 use std::fmt;
 use std::str::FromStr;
 
@@ -297,9 +297,7 @@ pub fn fingerprint_of_hash(sha256_hex: &str) -> String {
 
 /// A new key ID: `ki_` and 16 lowercase hex characters.
 pub fn new_key_id() -> String {
-    let mut bytes = [0u8; KEY_ID_BYTES];
-    fill_random(&mut bytes);
-    format!("{KEY_ID_PREFIX}{}", hex_lower(&bytes))
+    format!("{KEY_ID_PREFIX}{}", random_hex(KEY_ID_BYTES))
 }
 
 /// Checks an integration ID or key ID chosen by an operator. Stricter than

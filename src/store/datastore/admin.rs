@@ -357,9 +357,7 @@ impl DatastoreStore {
     /// The mutation that appends `record` to the audit log, committed with
     /// the change it records.
     fn audit(&self, record: &AuditRecord) -> Value {
-        let mut random = [0u8; 8];
-        crate::ground::fill_random(&mut random);
-        let name = format!("{}-{}", record.at, crate::ground::hex_lower(&random));
+        let name = format!("{}-{}", record.at, crate::ground::random_hex(8));
         let at = OffsetDateTime::parse(&record.at, &time::format_description::well_known::Rfc3339)
             .unwrap_or_else(|_| OffsetDateTime::now_utc());
         let text = |v: Option<&str>| match v {

@@ -73,9 +73,7 @@ fn change_name(seq: i64) -> String {
 }
 
 fn random_token() -> String {
-    let mut random = [0u8; 8];
-    crate::ground::fill_random(&mut random);
-    crate::ground::hex_lower(&random)
+    crate::ground::random_hex(8)
 }
 
 /// Where the feed stands: the sequence number of a change and its random
